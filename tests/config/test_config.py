@@ -1,0 +1,125 @@
+"""Config loading, merging of the original flags, aliases, and the clear errors of check_config."""
+import argparse
+import glob
+import json
+import os
+
+import pytest
+import yaml
+
+from mdeq.config import ConfigError, check_config, get_default_config, load_config, update_config
+from original_format import DATA
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+EXPERIMENTS = sorted(glob.glob(os.path.join(ROOT, "experiments", "**", "*.yaml"), recursive=True))
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=[os.path.relpath(p, ROOT) for p in EXPERIMENTS])
+def test_every_shipped_experiment_loads_and_checks(path):
+    check_config(load_config(path))
+
+
+def _spec_files():
+    out = []
+    for name in ("original_experiments.json", "mdeq_vision_experiments.json"):
+        with open(os.path.join(DATA, name)) as fh:
+            for exp, value in json.load(fh).items():
+                out.append((name.split("_")[0] + ":" + exp, value["hyperparameters"]))
+    return out
+
+
+@pytest.mark.parametrize("name,hparams", _spec_files(), ids=[n for n, _ in _spec_files()])
+def test_files_of_both_generations_load_unchanged(tmp_path, name, hparams):
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(hparams))
+    cfg = check_config(load_config(str(path)))
+    thres = hparams.get("DEQ", hparams["MODEL"]).get("F_THRES")
+    assert cfg.MODEL.F_THRES == cfg.DEQ.F_THRES == thres
+
+
+def test_every_default_key_has_a_comment():
+    src = open(os.path.join(ROOT, "lib", "config", "default.py")).read().splitlines()
+    assignments = [l for l in src if l.startswith("_C.") and "= CN()" not in l]
+    assert len(assignments) > 150
+    missing = [l for l in assignments if "#" not in l]
+    assert missing == []
+
+
+def _args(**kw):
+    base = dict(cfg=None, modelDir="", logDir="", dataDir="", testModel="", percent=1.0, opts=[])
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def test_update_config_merges_file_flags_and_options_in_order(tmp_path):
+    path = tmp_path / "a.yaml"
+    path.write_text("MODEL:\n  F_THRES: 12\nTRAIN:\n  LR: 0.1\nOUTPUT_DIR: from_yaml\n")
+    cfg = update_config(get_default_config(), _args(
+        cfg=str(path), modelDir="out_flag", logDir="log_flag", dataDir="/data", testModel="m.pth", percent=0.25,
+        opts=["TRAIN.LR", "0.5", "DEQ.F_THRES", "7"]))
+    assert cfg.OUTPUT_DIR == "out_flag" and cfg.LOG_DIR == "log_flag" and cfg.DATA_DIR == "/data"
+    assert cfg.TEST.MODEL_FILE == "m.pth" and cfg.PERCENT == 0.25 and cfg.TRAIN.LR == 0.5
+    assert cfg.MODEL.F_THRES == cfg.DEQ.F_THRES == 7  # the option came last
+    check_config(cfg)
+
+
+def test_integer_given_for_float_is_accepted():
+    assert load_config(None, ["TRAIN.LR", "1"]).TRAIN.LR == 1.0
+
+
+def test_yaml_that_does_not_parse(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("MODEL:\n  NAME: mdeq\n   F_THRES: 3\n")
+    with pytest.raises(ConfigError, match=r"not valid YAML at line 3"):
+        load_config(str(path))
+
+
+def test_missing_yaml_names_the_path():
+    with pytest.raises(ConfigError, match="nothere.yaml does not exist"):
+        load_config("nothere.yaml")
+
+
+def test_misspelled_key_suggests_the_closest(tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text("MODEL:\n  F_THRESS: 3\n")
+    with pytest.raises(ConfigError, match=r"unknown config key MODEL.F_THRESS\. Did you mean MODEL.F_THRES"):
+        load_config(str(path))
+    with pytest.raises(ConfigError, match=r"unknown config key TRAIN.LRR.*Did you mean TRAIN.LR"):
+        load_config(None, ["TRAIN.LRR", "0.1"])
+
+
+def test_wrong_type_names_key_and_types(tmp_path):
+    with pytest.raises(ConfigError, match=r"TRAIN.END_EPOCH: expected a value of type int.*'ten'"):
+        load_config(None, ["TRAIN.END_EPOCH", "ten"])
+    path = tmp_path / "t.yaml"
+    path.write_text("MODEL:\n  WNORM: 3\n")
+    with pytest.raises(ConfigError, match=r"MODEL.WNORM: expected a value of type bool"):
+        load_config(str(path))
+    cfg = get_default_config()
+    cfg.TRAIN.LR = "fast"
+    with pytest.raises(ConfigError, match=r"TRAIN.LR: expected a value of type float"):
+        check_config(cfg)
+
+
+@pytest.mark.parametrize("opts,message", [
+    (["MODEL.EXTRA.FULL_STAGE.NUM_CHANNELS", "[32, 64]"], r"NUM_BRANCHES is 4 but .*NUM_CHANNELS has 2"),
+    (["MODEL.EXTRA.FULL_STAGE.NUM_BLOCKS", "[1, 1, 1]"], r"NUM_BRANCHES is 4 but .*NUM_BLOCKS has 3"),
+    (["MODEL.EXTRA.FULL_STAGE.HEAD_CHANNELS", "[8, 16]"], r"NUM_BRANCHES is 4 but .*HEAD_CHANNELS has 2"),
+    (["MODEL.NUM_GROUPS", "3"], r"NUM_CHANNELS\[0\] = 32 .* divisible by MODEL.NUM_GROUPS = 3"),
+    (["DEQ.F_SOLVER", "newton"], r"DEQ.F_SOLVER: unknown name 'newton'; valid names are .*broyden"),
+    (["DEQ.B_SOLVER", "bryoden"], r"DEQ.B_SOLVER: unknown name"),
+    (["TRAIN.LR_SCHEDULER", "cosin"], r"TRAIN.LR_SCHEDULER: unknown name 'cosin'; valid names are .*cosine"),
+    (["TRAIN.OPTIMIZER", "adagrad"], r"TRAIN.OPTIMIZER: unknown name 'adagrad'; valid names are .*adam"),
+    (["MODEL.F_THRES", "0"], r"F_THRES must be a positive number of iterations, got 0"),
+    (["DEQ.B_THRES", "-3"], r"B_THRES must be a positive number of iterations, got -3"),
+    (["DEQ.F_EPS", "0.0"], r"DEQ.F_EPS must be positive"),
+])
+def test_check_config_names_the_key(opts, message):
+    cfg = load_config(None, opts)
+    with pytest.raises(ConfigError, match=message):
+        check_config(cfg)
+
+
+def test_odd_number_of_options():
+    with pytest.raises(ConfigError, match="KEY VALUE pairs"):
+        load_config(None, ["TRAIN.LR"])
