@@ -1,0 +1,103 @@
+"""Helpers shared by every dataset: dataset names, root resolution and errors that say how to fix them.
+
+Every dataset module reports a problem on disk as a ``FileNotFoundError`` (something is missing) or a
+``ValueError`` (something is there but unusable). The messages name the path, what was expected there and how
+to fix it, so that a user never has to read a traceback from deep inside torchvision.
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, Iterable, List
+
+from yacs.config import CfgNode as CN
+
+# canonical names of the supported datasets, and the spellings that map onto them
+CLS_DATASETS = ("cifar10", "imagenet", "fashion_mnist")
+SEG_DATASETS = ("cityscapes",)
+_ALIASES: Dict[str, str] = {
+    "cifar10": "cifar10",
+    "cifar-10": "cifar10",
+    "cifar_10": "cifar10",
+    "imagenet": "imagenet",
+    "fashion_mnist": "fashion_mnist",
+    "fashion-mnist": "fashion_mnist",
+    "fashionmnist": "fashion_mnist",
+    "cityscapes": "cityscapes",
+}
+
+README_HINT = "See data/README.md for the expected layout of every dataset."
+
+
+class BadFileError(ValueError):
+    """An image or label file exists but cannot be decoded; the message names the file."""
+
+    def __init__(self, path: str, reason: str = "") -> None:
+        self.path = path
+        detail = f" ({reason})" if reason else ""
+        super().__init__(
+            f"cannot read {path}{detail}. Replace or delete the file, or set DATASET.SKIP_BAD_FILES True to skip "
+            f"unreadable files with a warning."
+        )
+
+
+def canonical_name(name: str, valid: Iterable[str]) -> str:
+    """Maps a dataset name as written in a config file onto its canonical spelling.
+
+    Args:
+        name: the value of ``DATASET.DATASET`` (any case; ``-`` and ``_`` variants are accepted).
+        valid: the canonical names the caller supports.
+
+    Returns:
+        The canonical name, e.g. ``"fashion_mnist"`` for ``"Fashion-MNIST"``.
+
+    Raises:
+        ValueError: the name is not one of ``valid``; the message lists the valid names.
+    """
+    valid = tuple(valid)
+    key = str(name).strip().lower()
+    canonical = _ALIASES.get(key, key)
+    if canonical not in valid:
+        raise ValueError(
+            f"unknown dataset {name!r} in DATASET.DATASET; valid names are {', '.join(valid)}"
+        )
+    return canonical
+
+
+def resolve_root(cfg: CN) -> str:
+    """Returns the dataset folder named by the configuration.
+
+    ``DATASET.ROOT`` is used as written when it is absolute or when ``DATA_DIR`` is empty; a relative root is
+    joined behind a non-empty ``DATA_DIR`` (the original ``--dataDir`` option).
+
+    Args:
+        cfg: a configuration with ``DATA_DIR`` and ``DATASET.ROOT``.
+
+    Returns:
+        The dataset folder (not checked for existence).
+    """
+    root = str(cfg.DATASET.ROOT)
+    data_dir = str(cfg.DATA_DIR)
+    if root and os.path.isabs(root):
+        return root
+    if data_dir:
+        return os.path.join(data_dir, root) if root else data_dir
+    return root
+
+
+def describe_path(path: str) -> str:
+    """A short phrase saying whether path exists, e.g. ``"data/x (the folder does not exist)"``."""
+    if not path:
+        return "'' (DATASET.ROOT is empty)"
+    if not os.path.exists(path):
+        parent = os.path.dirname(os.path.abspath(path))
+        if os.path.isdir(parent):
+            return f"{path} (it does not exist)"
+        return f"{path} (it does not exist, nor does its parent folder {parent})"
+    if os.path.isdir(path):
+        return f"{path} (the folder exists)"
+    return f"{path} (a file, not a folder)"
+
+
+def missing_files(folder: str, names: Iterable[str]) -> List[str]:
+    """Returns the entries of names that are not files inside folder."""
+    return [n for n in names if not os.path.isfile(os.path.join(folder, n))]
