@@ -103,7 +103,7 @@ _C.LOSS.USE_TARGET_WEIGHT = True  # unused (pose-estimation leftover)
 _C.LOSS.USE_DIFFERENT_JOINTS_WEIGHT = False  # unused (pose-estimation leftover)
 _C.LOSS.JAC_LOSS_WEIGHT = 0.0  # weight of the Jacobian regulariser ||df/dz||_F^2 in equilibrium mode
 _C.LOSS.JAC_LOSS_FREQ = 0.0  # probability that a training step computes the Jacobian loss
-_C.LOSS.JAC_INCREMENTAL = 0  # steps after PRETRAIN_STEPS over which the Jacobian weight ramps to its value (0: none)
+_C.LOSS.JAC_INCREMENTAL = 0  # in equilibrium mode the Jacobian weight grows by 0.1 every this many steps (0: constant)
 _C.LOSS.PRETRAIN_JAC_LOSS_WEIGHT = 0.0  # weight of the Jacobian regulariser during unrolled pretraining
 _C.LOSS.JAC_STOP_EPOCH = 100000  # no Jacobian loss from this epoch on
 

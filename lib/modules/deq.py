@@ -158,7 +158,7 @@ class DEQLayer(nn.Module):
         if not self.training and self.warm_start:
             self._last_z = z_star.detach()
 
-        if not torch.is_grad_enabled():
+        if not (self.training and torch.is_grad_enabled()):
             if self.spectral_radius:
                 with torch.enable_grad():
                     zr = z_star.detach().requires_grad_()

@@ -1,0 +1,177 @@
+"""The classification tools' main functions: training (with resume) and evaluation of a checkpoint."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+from typing import Any, Dict, Optional
+
+import torch
+from torch import nn
+
+from mdeq.core.cls_function import train_one_epoch, validate
+from mdeq.core.engine import (BadStepGuard, RunContext, ShardSampler, TrainingDiverged, make_loader, rng_state,
+                              set_rng_state, setup_run, subset_percent, tensorboard_writer, unwrap, wrap_model)
+from mdeq.core.optim import build_optimizer, build_scheduler
+from mdeq.datasets import dataset_info, get_cls_dataset
+from mdeq.models import get_cls_net
+from mdeq.utils import distributed as du
+from mdeq.utils.checkpoint import (CheckpointError, load_pretrained, load_strict, load_training_checkpoint,
+                                   newest_valid_checkpoint, save_checkpoint)
+from mdeq.utils.summary import describe_model
+
+logger = logging.getLogger(__name__)
+
+
+def build_model(ctx: RunContext) -> nn.Module:
+    """The classification MDEQ for the configured dataset, initialised from TRAIN.MODEL_FILE / MODEL.PRETRAINED."""
+    cfg = ctx.cfg
+    info = dataset_info(cfg)
+    if info["num_classes"] != cfg.MODEL.NUM_CLASSES:
+        raise ValueError(f"MODEL.NUM_CLASSES is {cfg.MODEL.NUM_CLASSES} but the {cfg.DATASET.DATASET} data have "
+                         f"{info['num_classes']} classes; set MODEL.NUM_CLASSES {info['num_classes']}")
+    model = get_cls_net(cfg, in_channels=info["in_channels"])
+    if cfg.MODEL.PRETRAINED:
+        load_pretrained(model, cfg.MODEL.PRETRAINED)
+    if cfg.TRAIN.MODEL_FILE:
+        fmt = load_strict(model, cfg.TRAIN.MODEL_FILE)
+        logger.info("=> initialised from TRAIN.MODEL_FILE %s (%s)", cfg.TRAIN.MODEL_FILE, fmt)
+    return model
+
+
+def training_checkpoint(ctx: RunContext, model: nn.Module, optimizer, scheduler, epoch: int, state: Dict[str, Any],
+                        perf: float, best_perf: float, batch: int = 0) -> Dict[str, Any]:
+    """Everything needed to continue exactly: weights, optimizer, scheduler, counters and random generators."""
+    return {"epoch": epoch, "step": state["step"], "batch": batch, "model": ctx.cfg.MODEL.NAME,
+            "state_dict": unwrap(model).state_dict(), "perf": float(perf), "best_perf": float(best_perf),
+            "optimizer": optimizer.state_dict(), "lr_scheduler": scheduler.state_dict(), "rng": rng_state(),
+            "config": ctx.cfg.dump()}
+
+
+def resume_path(ctx: RunContext) -> Optional[str]:
+    """The checkpoint to resume from (TRAIN.RESUME / AUTO_RESUME), or None to start afresh."""
+    cfg = ctx.cfg
+    default = os.path.join(ctx.output_dir, "checkpoint.pth.tar")
+    if cfg.TRAIN.CHECKPOINT:
+        return cfg.TRAIN.CHECKPOINT
+    if cfg.AUTO_RESUME:
+        found = newest_valid_checkpoint([default])
+        return found[0] if found else None
+    if cfg.TRAIN.RESUME and os.path.isfile(default):
+        return default
+    if cfg.TRAIN.RESUME:
+        logger.info("TRAIN.RESUME is set but %s does not exist yet; starting from scratch", default)
+    return None
+
+
+def run_train(args: argparse.Namespace) -> Dict[str, float]:
+    """cls_train.py: trains, validates after every epoch, writes checkpoints; returns the last validation."""
+    ctx = setup_run(args, "train")
+    cfg = ctx.cfg
+    model = build_model(ctx)
+    logger.info(describe_model(model))
+    model = wrap_model(model, ctx)
+    train_set = subset_percent(get_cls_dataset(cfg, train=True), cfg.PERCENT)
+    valid_set = get_cls_dataset(cfg, train=False)
+    train_loader = make_loader(train_set, ctx, cfg.TRAIN.BATCH_SIZE_PER_GPU, train=True)
+    valid_loader = make_loader(valid_set, ctx, cfg.TEST.BATCH_SIZE_PER_GPU, train=False)
+    steps_per_epoch = len(train_loader)
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
+    criterion = nn.CrossEntropyLoss().to(ctx.device)
+
+    begin_epoch, best_perf, state = cfg.TRAIN.BEGIN_EPOCH, 0.0, {"step": cfg.TRAIN.BEGIN_EPOCH * steps_per_epoch,
+                                                                 "start_batch": 0}
+    path = resume_path(ctx)
+    if path:
+        try:
+            ckpt = load_training_checkpoint(path)
+            unwrap(model).load_state_dict(ckpt["state_dict"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["lr_scheduler"])
+        except (CheckpointError, KeyError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"cannot resume from {path}: {exc}. Delete it (or set TRAIN.RESUME False) to "
+                                  f"start afresh.") from None
+        begin_epoch, best_perf = int(ckpt["epoch"]), float(ckpt.get("best_perf", ckpt.get("perf", 0.0)))
+        state = {"step": int(ckpt.get("step", begin_epoch * steps_per_epoch)), "start_batch": int(ckpt.get("batch", 0))}
+        if "rng" in ckpt:
+            set_rng_state(ckpt["rng"])
+        logger.info("=> resumed from %s: epoch %d, step %d, batch %d, best Accuracy@1 %.3f", path, begin_epoch,
+                    state["step"], state["start_batch"], best_perf)
+
+    writer = tensorboard_writer(ctx)
+    guard = BadStepGuard(cfg.TRAIN.MAX_BAD_STEPS)
+    sampler: ShardSampler = train_loader.sampler  # type: ignore[assignment]
+    ckpt_file = os.path.join(ctx.output_dir, "checkpoint.pth.tar")
+    result: Dict[str, float] = {}
+    train_start = time.time()
+
+    for epoch in range(begin_epoch, cfg.TRAIN.END_EPOCH):
+        sampler.set_epoch(epoch)
+        sampler.set_start(state["start_batch"] * cfg.TRAIN.BATCH_SIZE_PER_GPU)
+        every = cfg.TRAIN.CHECKPOINT_EVERY_STEPS
+
+        def on_step(batch: int, epoch: int = epoch) -> None:
+            if every > 0 and state["step"] % every == 0 and batch + 1 < steps_per_epoch:
+                if ctx.is_main:
+                    save_checkpoint(training_checkpoint(ctx, model, optimizer, scheduler, epoch, state,
+                                                        best_perf, best_perf, batch + 1), ckpt_file)
+
+        try:
+            train_one_epoch(ctx, train_loader, model, criterion, optimizer, scheduler, epoch, state, guard,
+                            writer, on_step)
+        except TrainingDiverged:
+            if ctx.is_main:
+                save_checkpoint(training_checkpoint(ctx, model, optimizer, scheduler, epoch, state, 0.0, best_perf),
+                                os.path.join(ctx.output_dir, "last_good.pth.tar"))
+            raise
+        sampler.set_start(0)
+        result = validate(ctx, valid_loader, model, criterion, writer, state["step"])
+        perf = result["top1"]
+        is_best = perf > best_perf
+        best_perf = max(best_perf, perf)
+        if ctx.is_main:
+            save_checkpoint(training_checkpoint(ctx, model, optimizer, scheduler, epoch + 1, state, perf, best_perf),
+                            ckpt_file)
+            if is_best:
+                save_checkpoint(unwrap(model).state_dict(), os.path.join(ctx.output_dir, "model_best.pth.tar"))
+            logger.info("=> saved checkpoint (epoch %d, Accuracy@1 %.3f, best %.3f) to %s", epoch + 1, perf,
+                        best_perf, ctx.output_dir)
+        du.barrier()
+
+    train_time = time.time() - train_start
+    if ctx.is_main:
+        save_checkpoint(unwrap(model).state_dict(), os.path.join(ctx.output_dir, "final_state.pth.tar"))
+        logger.info("=> training took %.1f s; final state in %s", train_time,
+                    os.path.join(ctx.output_dir, "final_state.pth.tar"))
+    if writer is not None:
+        writer.close()
+    result = dict(result, train_time=train_time, best_top1=best_perf)
+    du.cleanup()
+    return result
+
+
+def run_valid(args: argparse.Namespace) -> Dict[str, float]:
+    """cls_valid.py: evaluates TEST.MODEL_FILE (ours or an original .pkl) on the whole test set."""
+    ctx = setup_run(args, "valid")
+    cfg = ctx.cfg
+    if not cfg.TEST.MODEL_FILE:
+        default = os.path.join(ctx.output_dir, "final_state.pth.tar")
+        if not os.path.isfile(default):
+            raise FileNotFoundError(f"no model to evaluate: pass --testModel PATH (or TEST.MODEL_FILE), or train "
+                                    f"first so that {default} exists")
+        model_file = default
+    else:
+        model_file = cfg.TEST.MODEL_FILE
+    if not os.path.isfile(model_file):
+        raise FileNotFoundError(f"--testModel / TEST.MODEL_FILE {model_file} does not exist; check the path")
+    info = dataset_info(cfg)
+    model = get_cls_net(cfg, in_channels=info["in_channels"])
+    fmt = load_strict(model, model_file)
+    logger.info("=> evaluating %s (format: %s)", model_file, fmt)
+    model = wrap_model(model, ctx)
+    loader = make_loader(get_cls_dataset(cfg, train=False), ctx, cfg.TEST.BATCH_SIZE_PER_GPU, train=False)
+    result = validate(ctx, loader, model, nn.CrossEntropyLoss().to(ctx.device))
+    du.cleanup()
+    return result
