@@ -1,0 +1,185 @@
+"""Full-image inference: multi-scale, flip and sliding windows against single-scale whole-image inference."""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mdeq.config import check_config, load_config
+from mdeq.core.seg_inference import (InferenceSettings, forward_probs, predict_probs, scaled_size,
+                                     settings_from_cfg, single_scale_probs, sliding_window_probs, window_starts)
+from mdeq.models import get_seg_net
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+K = 5
+TINY = ["MODEL.EXTRA.FULL_STAGE.NUM_BRANCHES", "2", "MODEL.EXTRA.FULL_STAGE.NUM_CHANNELS", "[8, 16]",
+        "MODEL.EXTRA.FULL_STAGE.NUM_BLOCKS", "[1, 1]", "MODEL.EXPANSION_FACTOR", "1", "MODEL.NUM_GROUPS", "2",
+        "MODEL.F_THRES", "4", "MODEL.B_THRES", "4", "DATASET.NUM_CLASSES", str(K)]
+
+
+class PointwiseNet(nn.Module):
+    """A 1x1-convolution stand-in: every output pixel depends on its input pixel only (translation- and
+    flip-equivariant)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Tanh(), nn.Conv2d(8, K, 1))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class SkewedNet(nn.Module):
+    """Not flip-equivariant: a 3x3 convolution with a one-sided kernel, then a stride-2 pooling."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.conv = nn.Conv2d(3, K, 3, padding=1)
+        with torch.no_grad():
+            self.conv.weight[:, :, :, 0] = 0
+
+    def forward(self, x):
+        return F.avg_pool2d(self.conv(x), 2, ceil_mode=True)
+
+
+class CountingNet(nn.Module):
+    """Records the crops it sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def forward(self, x):
+        self.shapes.append(tuple(x.shape[-2:]))
+        return torch.zeros(x.shape[0], K, x.shape[2], x.shape[3])
+
+
+def _image(h, w, seed=0):
+    return torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+def _tiny_mdeq():
+    cfg = check_config(load_config(os.path.join(ROOT, "experiments/cityscapes/seg_mdeq_SMALL.yaml"), TINY))
+    torch.manual_seed(0)
+    return get_seg_net(cfg).eval()
+
+
+def test_scale_one_without_flip_equals_whole_image_inference_of_the_mdeq():
+    model = _tiny_mdeq()
+    image = _image(24, 40)
+    with torch.no_grad():
+        whole = F.softmax(F.interpolate(model(image), size=(24, 40), mode="bilinear", align_corners=False), 1)
+    settings = InferenceSettings(scales=(1.0,), flip=False, crop_size=(32, 64))
+    assert torch.allclose(predict_probs(model, image, settings), whole, atol=1e-6)
+    # scale 1 relative to a base size equal to the long side: no resampling either
+    settings = InferenceSettings(scales=(1.0,), flip=False, crop_size=(32, 64), base_size=40)
+    assert torch.allclose(predict_probs(model, image, settings), whole, atol=1e-6)
+
+
+def test_sliding_windows_cover_every_pixel_and_match_whole_image_for_a_pointwise_net():
+    assert window_starts(10, 10, 6) == [0]
+    for length, crop in ((50, 16), (33, 32), (100, 7)):
+        stride = max(1, int(crop * 2 / 3))
+        starts = window_starts(length, crop, stride)
+        covered = torch.zeros(length)
+        for s in starts:
+            assert 0 <= s and s + crop <= length
+            covered[s:s + crop] += 1
+        assert torch.all(covered > 0)
+        assert all(b - a <= stride for a, b in zip(starts, starts[1:]))
+
+    model = PointwiseNet().eval()
+    image = _image(45, 70)
+    with torch.no_grad():
+        whole = forward_probs(model, image)
+        slid = sliding_window_probs(model, image, (16, 24))
+        assert slid.shape == whole.shape
+        assert torch.allclose(slid, whole, atol=1e-6)
+        # predict_probs switches to windows because the image is larger than the crop, with the same result
+        assert torch.allclose(predict_probs(model, image, InferenceSettings(crop_size=(16, 24))), whole, atol=1e-6)
+
+    counter = CountingNet()
+    sliding_window_probs(counter, image, (16, 24))
+    assert set(counter.shapes) == {(16, 24)}
+    assert len(counter.shapes) == len(window_starts(45, 16, 10)) * len(window_starts(70, 24, 16))
+
+
+def test_sliding_windows_pad_an_image_smaller_than_the_crop_in_one_direction():
+    model = PointwiseNet().eval()
+    image = _image(10, 50)  # shorter than the crop, wider than it
+    with torch.no_grad():
+        slid = sliding_window_probs(model, image, (16, 24))
+        assert slid.shape[-2:] == (10, 50)
+        assert torch.allclose(slid, forward_probs(model, image), atol=1e-6)
+
+
+def test_sliding_windows_average_overlaps():
+    class PositionNet(nn.Module):  # output depends on the window, not only the pixel
+        def forward(self, x):
+            return torch.zeros(1, 2, *x.shape[-2:]) + torch.tensor([0.0, 1.0]).view(1, 2, 1, 1) * x.mean()
+
+    image = torch.zeros(1, 3, 10, 20)
+    image[..., 10:] = 1.0
+    got = sliding_window_probs(PositionNet(), image, (10, 12))  # windows at x = 0 and 8
+    p = [F.softmax(torch.tensor([0.0, image[..., x0:x0 + 12].mean()]), 0)[1] for x0 in (0, 8)]
+    assert torch.allclose(got[0, 1, 0, :8], p[0].expand(8))
+    assert torch.allclose(got[0, 1, 0, 8:12], ((p[0] + p[1]) / 2).expand(4))
+    assert torch.allclose(got[0, 1, 0, 12:], p[1].expand(8))
+
+
+def test_flip_is_averaged_with_the_prediction_flipped_back():
+    model = SkewedNet().eval()
+    image = _image(16, 20)
+    with torch.no_grad():
+        plain = forward_probs(model, image)
+        flipped_back = forward_probs(model, image.flip(-1)).flip(-1)
+        assert not torch.allclose(plain, flipped_back, atol=1e-3)
+        got = single_scale_probs(model, image, (32, 32), flip=True)
+        assert torch.allclose(got, 0.5 * (plain + flipped_back), atol=1e-6)
+
+
+def test_flip_changes_nothing_for_a_flip_equivariant_model():
+    model = PointwiseNet().eval()
+    symmetric = _image(12, 10)
+    symmetric = torch.cat([symmetric, symmetric.flip(-1)], dim=-1)  # (1, 3, 12, 20), mirror symmetric
+    for image in (symmetric, _image(12, 20)):
+        no_flip = predict_probs(model, image, InferenceSettings(crop_size=(32, 32)))
+        flip = predict_probs(model, image, InferenceSettings(flip=True, crop_size=(32, 32)))
+        assert torch.allclose(flip, no_flip, atol=1e-6)
+
+
+def test_multi_scale_is_the_average_of_the_resized_back_scales():
+    model = SkewedNet().eval()
+    image = _image(20, 30)
+    settings = InferenceSettings(scales=(0.5, 1.0, 1.5), crop_size=(64, 64))
+    got = predict_probs(model, image, settings)
+    parts = []
+    with torch.no_grad():
+        for s in (0.5, 1.0, 1.5):
+            size = (int(20 * s + 0.5), int(30 * s + 0.5))
+            p = forward_probs(model, F.interpolate(image, size=size, mode="bilinear", align_corners=False))
+            parts.append(F.interpolate(p, size=(20, 30), mode="bilinear", align_corners=False))
+    assert torch.allclose(got, sum(parts) / 3, atol=1e-6)
+    assert torch.allclose(got.sum(1), torch.ones(1, 20, 30), atol=1e-5)  # still distributions
+
+
+def test_scaled_size_uses_the_long_side_with_a_base_size():
+    assert scaled_size(1024, 2048, 0.75, 2048) == (768, 1536)
+    assert scaled_size(1024, 2048, 1.0, None) == (1024, 2048)
+    assert scaled_size(30, 20, 0.5, 40) == (20, 13)
+
+
+@pytest.mark.parametrize("multi", [False, True])
+def test_settings_from_cfg(multi):
+    opts = ["TEST.MULTI_SCALE", str(multi), "TEST.SCALE_LIST", "[0.5, 1.0]", "TEST.FLIP_TEST", "True",
+            "TEST.IMAGE_SIZE", "[64, 32]", "TEST.BASE_SIZE", "64"]
+    cfg = check_config(load_config(os.path.join(ROOT, "experiments/cityscapes/seg_mdeq_SMALL.yaml"), opts))
+    s = settings_from_cfg(cfg)
+    assert s.crop_size == (32, 64) and s.flip
+    assert s.scales == ((0.5, 1.0) if multi else (1.0,))
+    assert s.base_size == (64 if multi else None)
+    t = settings_from_cfg(cfg, training=True)
+    assert t.scales == (1.0,) and not t.flip and t.base_size is None
