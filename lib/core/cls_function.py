@@ -109,7 +109,7 @@ def train_one_epoch(ctx: RunContext, loader: DataLoader, model: nn.Module, crite
         state["step"] = step + 1
 
         n = images.shape[0]
-        losses.update(float(loss), n)
+        losses.update(float(loss.detach()), n)
         c1, c5 = correct_counts(output.detach(), target, (1, 5)).tolist()
         top1.update(100.0 * c1 / n, n)
         top5.update(100.0 * c5 / n, n)

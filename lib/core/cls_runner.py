@@ -129,13 +129,14 @@ def run_train(args: argparse.Namespace) -> Dict[str, float]:
         sampler.set_start(0)
         result = validate(ctx, valid_loader, model, criterion, writer, state["step"])
         perf = result["top1"]
-        is_best = perf > best_perf
+        best_file = os.path.join(ctx.output_dir, "model_best.pth.tar")
+        is_best = perf > best_perf or not os.path.isfile(best_file)  # the first epoch is the best so far, even at 0 %
         best_perf = max(best_perf, perf)
         if ctx.is_main:
             save_checkpoint(training_checkpoint(ctx, model, optimizer, scheduler, epoch + 1, state, perf, best_perf),
                             ckpt_file)
             if is_best:
-                save_checkpoint(unwrap(model).state_dict(), os.path.join(ctx.output_dir, "model_best.pth.tar"))
+                save_checkpoint(unwrap(model).state_dict(), best_file)
             logger.info("=> saved checkpoint (epoch %d, Accuracy@1 %.3f, best %.3f) to %s", epoch + 1, perf,
                         best_perf, ctx.output_dir)
         du.barrier()

@@ -158,9 +158,9 @@ class ShardSampler(Sampler[int]):
             order = torch.randperm(self.length, generator=g).tolist()
         else:
             order = list(range(self.length))
-        if self.pad and self.world_size > 1:
+        if self.pad and self.world_size > 1 and self.length > 0:
             total = math.ceil(self.length / self.world_size) * self.world_size
-            order += order[: total - len(order)]
+            order = (order * math.ceil(total / self.length))[:total]  # repeats when world_size > length
         return order[self.rank::self.world_size]
 
     def __iter__(self) -> Iterator[int]:
@@ -186,9 +186,12 @@ def make_loader(dataset: Dataset, ctx: RunContext, batch_size: int, train: bool)
     sampler = ShardSampler(len(dataset), shuffle=train and cfg.TRAIN.SHUFFLE, seed=seed, pad=train)
     drop_last = train and len(sampler) % batch_size == 1
     workers = cfg.WORKERS
+    # Every new iterator draws a worker base seed from the loader's generator; from its own generator rather
+    # than the global one, so that starting an iterator mid-epoch (resume) leaves the global state as saved.
+    generator = torch.Generator().manual_seed(torch.initial_seed())
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       pin_memory=cfg.PIN_MEMORY and ctx.device.type == "cuda", drop_last=drop_last,
-                      persistent_workers=workers > 0)
+                      persistent_workers=workers > 0, generator=generator)
 
 
 # ------------------------------------------------------------------------------------------- training state

@@ -1,0 +1,168 @@
+"""Exact resume of classification training on the CPU.
+
+Two epochs in one go must give bit-identical weights, optimizer and scheduler state to one epoch, stopped, and
+resumed (TRAIN.RESUME) for the second; and the same from a mid-epoch checkpoint (TRAIN.CHECKPOINT_EVERY_STEPS,
+resumed with TRAIN.CHECKPOINT). Every source of randomness is switched on (random crops and flips, dropout
+masks, the Jacobian loss drawn with probability 0.5), so a random generator that is not carried over, or that
+is advanced differently after a resume, changes the weights.
+"""
+import glob
+import importlib.util
+import logging
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from mdeq.core import cls_runner
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CFG = os.path.join(REPO, "experiments", "fashion_mnist", "cls_mdeq_quick.yaml")
+STEPS_PER_EPOCH = 3  # 24 training images, batch 8
+
+TINY = [
+    "MODEL.EXTRA.FULL_STAGE.NUM_CHANNELS", "[8, 8]", "MODEL.EXTRA.FULL_STAGE.HEAD_CHANNELS", "[4, 8]",
+    "MODEL.EXTRA.FULL_STAGE.FINAL_CHANSIZE", "16", "MODEL.NUM_GROUPS", "4", "MODEL.EXPANSION_FACTOR", "1",
+    "MODEL.NUM_LAYERS", "2", "DEQ.F_THRES", "3", "DEQ.B_THRES", "3", "WORKERS", "0", "PRINT_FREQ", "1",
+    "TENSORBOARD", "False", "SEED", "0", "DETERMINISTIC", "True",
+    "TRAIN.BATCH_SIZE_PER_GPU", "8", "TEST.BATCH_SIZE_PER_GPU", "16",
+    "TRAIN.PRETRAIN_STEPS", "4",  # unrolled steps 0..3, equilibrium from the second epoch's second step
+    "TRAIN.LR_SCHEDULER", "multistep", "TRAIN.LR_STEP", "[1]", "TRAIN.LR_FACTOR", "0.1",  # a drop at epoch 1
+    "TRAIN.CHECKPOINT_EVERY_STEPS", "2",
+    "DATASET.AUGMENT", "True", "MODEL.DROPOUT", "0.25",
+    "LOSS.JAC_LOSS_WEIGHT", "0.1", "LOSS.PRETRAIN_JAC_LOSS_WEIGHT", "0.1", "LOSS.JAC_LOSS_FREQ", "0.5",
+]
+
+
+def write_idx(path, array):
+    array = np.asarray(array, dtype=np.uint8)
+    header = (0x0800 | array.ndim).to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    with open(path, "wb") as fh:
+        fh.write(header + array.tobytes())
+
+
+@pytest.fixture
+def fashion_root(tmp_path):
+    root = tmp_path / "fmnist"
+    root.mkdir()
+    rng = np.random.RandomState(0)
+    for prefix, n in (("train", 8 * STEPS_PER_EPOCH), ("t10k", 10)):
+        write_idx(str(root / f"{prefix}-images-idx3-ubyte"), rng.randint(0, 256, (n, 28, 28)))
+        write_idx(str(root / f"{prefix}-labels-idx1-ubyte"), rng.randint(0, 10, n))
+    return str(root)
+
+
+@pytest.fixture(autouse=True)
+def one_thread_and_restore():
+    """One thread (deterministic and fast on a shared machine); undo what an in-process tool run changes."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+            handler.close()
+    for handler in handlers:
+        if handler not in root.handlers:
+            root.addHandler(handler)
+    root.setLevel(level)
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+    torch.set_num_threads(threads)
+
+
+def cls_train(argv):
+    spec = importlib.util.spec_from_file_location("_tool_cls_train", os.path.join(REPO, "tools", "cls_train.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(argv)
+
+
+def train(tmp_path, root, run, end_epoch, *extra):
+    """One cls_train run with its own log folder; returns (output folder, log text)."""
+    out = str(tmp_path / f"out_{run.split('_')[0]}")
+    log = str(tmp_path / f"log_{run}")
+    argv = ["--cfg", CFG, "OUTPUT_DIR", out, "LOG_DIR", log, "DATASET.ROOT", root, "TRAIN.END_EPOCH",
+            str(end_epoch)] + TINY + list(extra)
+    assert cls_train(argv) == 0
+    (log_file,) = glob.glob(os.path.join(log, "fashion_mnist", "cls_mdeq_quick", "*_train.log"))
+    with open(log_file) as fh:
+        return os.path.join(out, "fashion_mnist", "cls_mdeq_quick"), fh.read()
+
+
+def load(folder, name):
+    return torch.load(os.path.join(folder, name), map_location="cpu", weights_only=True)
+
+
+def assert_tensors_equal(a, b, where=""):
+    """Nested dicts / lists of tensors and numbers are exactly equal."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert set(a) == set(b), where
+        for k in a:
+            assert_tensors_equal(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_tensors_equal(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, (where, a, b)
+
+
+def assert_same_training(a, b):
+    """Same final weights (every tensor of final_state.pth.tar) and the same optimizer / scheduler state."""
+    wa, wb = load(a, "final_state.pth.tar"), load(b, "final_state.pth.tar")
+    assert set(wa) == set(wb)
+    different = [k for k in wa if not torch.equal(wa[k], wb[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:5]}"
+    ca, cb = load(a, "checkpoint.pth.tar"), load(b, "checkpoint.pth.tar")
+    assert ca["epoch"] == cb["epoch"] == 2 and ca["step"] == cb["step"] == 2 * STEPS_PER_EPOCH
+    assert_tensors_equal(ca["optimizer"], cb["optimizer"], "optimizer")
+    assert_tensors_equal(ca["lr_scheduler"], cb["lr_scheduler"], "lr_scheduler")
+
+
+def test_resume_gives_the_same_weights_as_one_run(tmp_path, fashion_root, monkeypatch):
+    # The uninterrupted run; every mid-epoch checkpoint it writes is copied aside (the epoch-end checkpoint
+    # overwrites the same file later), as if the run had been killed just after writing it.
+    saved = []
+    real_save = cls_runner.save_checkpoint
+
+    def save_and_keep(obj, path):
+        real_save(obj, path)
+        if isinstance(obj, dict) and obj.get("batch", 0) > 0:
+            copy = str(tmp_path / f"mid_epoch{obj['epoch']}_batch{obj['batch']}.pth.tar")
+            shutil.copyfile(path, copy)
+            saved.append((obj["epoch"], obj["batch"], obj["step"], copy))
+
+    monkeypatch.setattr(cls_runner, "save_checkpoint", save_and_keep)
+    full, full_log = train(tmp_path, fashion_root, "full", 2)
+    monkeypatch.setattr(cls_runner, "save_checkpoint", real_save)
+    assert "\tunrolled" in full_log and "\tequilibrium" in full_log and "Jac " in full_log
+    # steps 2 and 4 are multiples of CHECKPOINT_EVERY_STEPS that do not end an epoch
+    assert [s[:3] for s in saved] == [(0, 2, 2), (1, 1, 4)]
+
+    # Stopped after the first epoch, then resumed for the second.
+    first, _ = train(tmp_path, fashion_root, "split_first", 1)
+    w1, w2 = load(first, "final_state.pth.tar"), load(full, "final_state.pth.tar")
+    assert any(not torch.equal(w1[k], w2[k]) for k in w1), "the second epoch must change the weights"
+    resumed, log = train(tmp_path, fashion_root, "split_resumed", 2, "TRAIN.RESUME", "True")
+    assert resumed == first
+    ckpt_file = os.path.join(first, "checkpoint.pth.tar")
+    assert f"=> resumed from {ckpt_file}: epoch 1, step {STEPS_PER_EPOCH}, batch 0" in log
+    assert "Epoch: [0]" not in log and f"Epoch: [1][{STEPS_PER_EPOCH - 1}/{STEPS_PER_EPOCH}]" in log
+    assert_same_training(full, resumed)
+
+    # Resumed from each mid-epoch checkpoint: the rest of that epoch, then the remaining epochs.
+    for epoch, batch, step, copy in saved:
+        run = f"mid{epoch}{batch}_run"
+        out, log = train(tmp_path, fashion_root, run, 2, "TRAIN.CHECKPOINT", copy)
+        assert f"=> resumed from {copy}: epoch {epoch}, step {step}, batch {batch}" in log
+        assert f"Epoch: [{epoch}][{batch}/{STEPS_PER_EPOCH}]" in log
+        assert f"Epoch: [{epoch}][{batch - 1}/{STEPS_PER_EPOCH}]" not in log  # no batch is trained twice
+        assert_same_training(full, out)
