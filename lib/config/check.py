@@ -116,6 +116,8 @@ def check_config(cfg: CN) -> CN:
         errors.append(f"DEQ.RAND_F_THRES_DELTA must be in [0, F_THRES), got {cfg.DEQ.RAND_F_THRES_DELTA}")
     if cfg.DEQ.LBROYDEN_MEM < 1:
         errors.append(f"DEQ.LBROYDEN_MEM must be at least 1, got {cfg.DEQ.LBROYDEN_MEM}")
+    if cfg.DEQ.CHECK_EVERY < 0:
+        errors.append(f"DEQ.CHECK_EVERY must be 0 (automatic) or positive, got {cfg.DEQ.CHECK_EVERY}")
     if cfg.DEQ.ANDERSON_M < 1:
         errors.append(f"DEQ.ANDERSON_M must be at least 1, got {cfg.DEQ.ANDERSON_M}")
     if cfg.DEQ.PHANTOM_STEPS < 1:

@@ -90,6 +90,7 @@ _C.DEQ.ANDERSON_LAM = 1e-4  # Tikhonov regularisation of Anderson's least-square
 _C.DEQ.BACKWARD = "implicit"  # gradient through z*: "implicit" (adjoint solve) or "phantom" (damped unroll)
 _C.DEQ.PHANTOM_STEPS = 5  # phantom gradient: unrolled steps from z*
 _C.DEQ.PHANTOM_TAU = 0.5  # phantom gradient: damping z <- tau * f(z) + (1 - tau) * z
+_C.DEQ.CHECK_EVERY = 0  # solvers check for convergence every N iterations (0: 1 on CPU, 4 on GPU; fewer syncs)
 _C.DEQ.WARM_START = False  # evaluation only: start the solve from the last batch's z* when shapes match
 
 # ----------------------------------------------------------------------------------------------------- loss

@@ -78,5 +78,5 @@ def solver_summary(info: Dict) -> Dict[str, float]:
             for key in ("nstep", "abs_res", "rel_res", "diverged"):
                 out[f"{phase}/{key}"] = float(stats[key])
     if info.get("jac_loss") is not None:
-        out["jac_loss"] = float(info["jac_loss"])
+        out["jac_loss"] = float(info["jac_loss"].detach())
     return out

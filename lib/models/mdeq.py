@@ -141,7 +141,8 @@ def deq_kwargs(cfg: CN) -> Dict[str, Any]:
                 b_eps=d.B_EPS if d.B_EPS > 0 else None, eval_f_thres=d.EVAL_F_THRES or None,
                 rand_f_thres_delta=d.RAND_F_THRES_DELTA, backward=d.BACKWARD.lower(),
                 phantom_steps=d.PHANTOM_STEPS, phantom_tau=d.PHANTOM_TAU, f_options=f_options,
-                b_options=b_options, spectral_radius=d.SPECTRAL_RADIUS_MODE, warm_start=d.WARM_START)
+                b_options=b_options, spectral_radius=d.SPECTRAL_RADIUS_MODE, warm_start=d.WARM_START,
+                check_every=d.CHECK_EVERY)
 
 
 def _trunk_kwargs(cfg: CN, bn_momentum: float, in_channels: Optional[int]) -> Dict[str, Any]:
