@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from yacs.config import CfgNode as CN
 
-from mdeq.core.engine import BadStepGuard, RunContext, TrainingDiverged
+from mdeq.core.engine import BadStepGuard, RunContext, guard_restore, guard_snapshot, guarded_update  # noqa: F401
 from mdeq.core.metrics import AverageMeter, correct_counts, solver_summary
 from mdeq.utils import distributed as du
 
@@ -79,6 +79,7 @@ def train_one_epoch(ctx: RunContext, loader: DataLoader, model: nn.Module, crite
         images = images.to(ctx.device, non_blocking=True)
         target = target.to(ctx.device, non_blocking=True)
         step = state["step"]
+        state["batch"] = i  # the batch in flight, for the checkpoint written when training diverges
         factor = jacobian_weight(cfg, step, epoch)
         compute_jac = factor > 0 and random.random() < cfg.LOSS.JAC_LOSS_FREQ
         guard_state = guard_snapshot(model)
@@ -90,21 +91,7 @@ def train_one_epoch(ctx: RunContext, loader: DataLoader, model: nn.Module, crite
         total_loss.backward()
         if cfg.TRAIN.CLIP > 0:
             nn.utils.clip_grad_norm_(model.parameters(), cfg.TRAIN.CLIP)
-        diverged = bool(cfg.TRAIN.SKIP_DIVERGED and info.get("forward") and info["forward"]["diverged"] > 0)
-        if guard.check(total_loss, model, diverged):
-            optimizer.step()
-        else:
-            guard_restore(model, guard_state)
-            optimizer.zero_grad(set_to_none=True)
-            logger.warning("epoch %d step %d: skipped a step with a non-finite loss or gradient or a diverged "
-                           "solve (%d in a row, %d in total)", epoch, step, guard.consecutive, guard.total)
-            if writer is not None:
-                writer.add_scalar("train/skipped_steps", guard.total, step)
-            if guard.exhausted:
-                raise TrainingDiverged(
-                    f"{guard.consecutive} consecutive bad steps (non-finite loss or gradients) at epoch {epoch}, "
-                    f"step {step}; training stopped. The last good weights are in {ctx.output_dir}. Lower "
-                    f"TRAIN.LR, set TRAIN.CLIP, or raise TRAIN.MAX_BAD_STEPS.")
+        guarded_update(ctx, model, optimizer, total_loss, info, guard, guard_state, epoch, step, writer)
         scheduler.step()
         state["step"] = step + 1
 
@@ -133,18 +120,6 @@ def train_one_epoch(ctx: RunContext, loader: DataLoader, model: nn.Module, crite
             on_step(i)
     state["start_batch"] = 0
     return {"loss": losses.avg, "top1": top1.avg}
-
-
-def guard_snapshot(model: nn.Module) -> list:
-    """Copies of the model's floating buffers (BatchNorm statistics) taken before a step."""
-    return [b.detach().clone() for b in model.buffers() if b.is_floating_point()]
-
-
-def guard_restore(model: nn.Module, snapshot: list) -> None:
-    """Puts back the buffers of a skipped step, so a bad batch leaves no NaN in the running statistics."""
-    with torch.no_grad():
-        for b, saved in zip([b for b in model.buffers() if b.is_floating_point()], snapshot):
-            b.copy_(saved)
 
 
 @torch.no_grad()

@@ -5,20 +5,22 @@ import argparse
 import logging
 import os
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn
 
 from mdeq.core.cls_function import train_one_epoch, validate
 from mdeq.core.engine import (BadStepGuard, RunContext, ShardSampler, TrainingDiverged, make_loader, rng_state,
-                              set_rng_state, setup_run, subset_percent, tensorboard_writer, unwrap, wrap_model)
+                              save_last_good, set_rng_state, setup_run, subset_percent, tensorboard_writer, unwrap,
+                              wrap_model)
 from mdeq.core.optim import build_optimizer, build_scheduler
 from mdeq.datasets import dataset_info, get_cls_dataset
 from mdeq.models import get_cls_net
 from mdeq.utils import distributed as du
 from mdeq.utils.checkpoint import (CheckpointError, load_pretrained, load_strict, load_training_checkpoint,
-                                   newest_valid_checkpoint, save_checkpoint)
+                                   keep_previous, newest_valid_checkpoint, previous_path, remove_partial_files,
+                                   save_checkpoint)
 from mdeq.utils.summary import describe_model
 
 logger = logging.getLogger(__name__)
@@ -49,15 +51,37 @@ def training_checkpoint(ctx: RunContext, model: nn.Module, optimizer, scheduler,
             "config": ctx.cfg.dump()}
 
 
+# every file the training tools write into the output folder (classification and segmentation)
+CHECKPOINT_NAMES = ("checkpoint.pth.tar", "checkpoint_prev.pth.tar", "last_good.pth.tar", "model_best.pth.tar",
+                    "final_state.pth.tar", "best.pth", "final_state.pth")
+
+
+def resume_candidates(ctx: RunContext) -> List[str]:
+    """The training checkpoints AUTO_RESUME chooses among: the latest, the one it replaced, and the last good state
+    of a run that diverged."""
+    latest = os.path.join(ctx.output_dir, "checkpoint.pth.tar")
+    return [latest, previous_path(latest), os.path.join(ctx.output_dir, "last_good.pth.tar")]
+
+
 def resume_path(ctx: RunContext) -> Optional[str]:
-    """The checkpoint to resume from (TRAIN.RESUME / AUTO_RESUME), or None to start afresh."""
+    """The checkpoint to resume from (TRAIN.CHECKPOINT, AUTO_RESUME, TRAIN.RESUME), or None to start afresh.
+
+    AUTO_RESUME takes the readable candidate with the highest (epoch, step); a candidate that cannot be read (cut
+    off by a full disk or a broken copy, or refused as unsafe) is skipped with a warning and renamed
+    ``<name>.unusable``.
+    """
     cfg = ctx.cfg
     default = os.path.join(ctx.output_dir, "checkpoint.pth.tar")
     if cfg.TRAIN.CHECKPOINT:
         return cfg.TRAIN.CHECKPOINT
-    if cfg.AUTO_RESUME:
-        found = newest_valid_checkpoint([default])
-        return found[0] if found else None
+    if cfg.AUTO_RESUME:  # rank 0 chooses (and moves unusable files aside); every rank resumes from its choice
+        chosen = None
+        if ctx.is_main:
+            found = newest_valid_checkpoint(resume_candidates(ctx), set_aside=True)
+            chosen = found[0] if found else None
+            if chosen is None:
+                logger.info("AUTO_RESUME: no readable checkpoint in %s; starting from scratch", ctx.output_dir)
+        return du.broadcast_object(chosen)
     if cfg.TRAIN.RESUME and os.path.isfile(default):
         return default
     if cfg.TRAIN.RESUME:
@@ -65,15 +89,30 @@ def resume_path(ctx: RunContext) -> Optional[str]:
     return None
 
 
+def resume_error(path: str, exc: Exception) -> CheckpointError:
+    """The error for a checkpoint that cannot be resumed from: what is wrong and the ways out."""
+    return CheckpointError(f"cannot resume from {path}: {str(exc).rstrip('.')}. The file is left as it is; delete "
+                           f"or move it (or set TRAIN.RESUME False) to start afresh, or set AUTO_RESUME True to "
+                           f"fall back to the newest readable checkpoint.")
+
+
+def prepare_output(ctx: RunContext) -> None:
+    """Rank 0, before training: clears partial checkpoint files that a killed run left in the output folder."""
+    if ctx.is_main:
+        remove_partial_files(ctx.output_dir, CHECKPOINT_NAMES)
+    du.barrier()
+
+
 def run_train(args: argparse.Namespace) -> Dict[str, float]:
     """cls_train.py: trains, validates after every epoch, writes checkpoints; returns the last validation."""
     ctx = setup_run(args, "train")
     cfg = ctx.cfg
+    prepare_output(ctx)
+    train_set = subset_percent(get_cls_dataset(cfg, train=True), cfg.PERCENT)  # data problems are reported first
+    valid_set = get_cls_dataset(cfg, train=False)
     model = build_model(ctx)
     logger.info(describe_model(model))
     model = wrap_model(model, ctx)
-    train_set = subset_percent(get_cls_dataset(cfg, train=True), cfg.PERCENT)
-    valid_set = get_cls_dataset(cfg, train=False)
     train_loader = make_loader(train_set, ctx, cfg.TRAIN.BATCH_SIZE_PER_GPU, train=True)
     valid_loader = make_loader(valid_set, ctx, cfg.TEST.BATCH_SIZE_PER_GPU, train=False)
     steps_per_epoch = len(train_loader)
@@ -91,8 +130,7 @@ def run_train(args: argparse.Namespace) -> Dict[str, float]:
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["lr_scheduler"])
         except (CheckpointError, KeyError, ValueError, RuntimeError) as exc:
-            raise CheckpointError(f"cannot resume from {path}: {exc}. Delete it (or set TRAIN.RESUME False) to "
-                                  f"start afresh.") from None
+            raise resume_error(path, exc) from None
         begin_epoch, best_perf = int(ckpt["epoch"]), float(ckpt.get("best_perf", ckpt.get("perf", 0.0)))
         state = {"step": int(ckpt.get("step", begin_epoch * steps_per_epoch)), "start_batch": int(ckpt.get("batch", 0))}
         if "rng" in ckpt:
@@ -115,17 +153,16 @@ def run_train(args: argparse.Namespace) -> Dict[str, float]:
         def on_step(batch: int, epoch: int = epoch) -> None:
             if every > 0 and state["step"] % every == 0 and batch + 1 < steps_per_epoch:
                 if ctx.is_main:
+                    keep_previous(ckpt_file)
                     save_checkpoint(training_checkpoint(ctx, model, optimizer, scheduler, epoch, state,
                                                         best_perf, best_perf, batch + 1), ckpt_file)
 
         try:
             train_one_epoch(ctx, train_loader, model, criterion, optimizer, scheduler, epoch, state, guard,
                             writer, on_step)
-        except TrainingDiverged:
-            if ctx.is_main:
-                save_checkpoint(training_checkpoint(ctx, model, optimizer, scheduler, epoch, state, 0.0, best_perf),
-                                os.path.join(ctx.output_dir, "last_good.pth.tar"))
-            raise
+        except TrainingDiverged as exc:  # resumable at the batch that failed, with the weights before it
+            raise save_last_good(ctx, lambda epoch=epoch: training_checkpoint(
+                ctx, model, optimizer, scheduler, epoch, state, 0.0, best_perf, state["batch"]), exc) from None
         sampler.set_start(0)
         result = validate(ctx, valid_loader, model, criterion, writer, state["step"])
         perf = result["top1"]
@@ -133,6 +170,7 @@ def run_train(args: argparse.Namespace) -> Dict[str, float]:
         is_best = perf > best_perf or not os.path.isfile(best_file)  # the first epoch is the best so far, even at 0 %
         best_perf = max(best_perf, perf)
         if ctx.is_main:
+            keep_previous(ckpt_file)
             save_checkpoint(training_checkpoint(ctx, model, optimizer, scheduler, epoch + 1, state, perf, best_perf),
                             ckpt_file)
             if is_best:

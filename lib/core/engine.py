@@ -11,7 +11,7 @@ import math
 import os
 import random
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -21,6 +21,7 @@ from yacs.config import CfgNode as CN
 
 from mdeq.config import check_config, get_default_config, update_config
 from mdeq.utils import distributed as du
+from mdeq.utils.checkpoint import save_checkpoint
 from mdeq.utils.logging_utils import setup_logger
 
 logger = logging.getLogger(__name__)
@@ -189,9 +190,16 @@ def make_loader(dataset: Dataset, ctx: RunContext, batch_size: int, train: bool)
     # Every new iterator draws a worker base seed from the loader's generator; from its own generator rather
     # than the global one, so that starting an iterator mid-epoch (resume) leaves the global state as saved.
     generator = torch.Generator().manual_seed(torch.initial_seed())
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      pin_memory=cfg.PIN_MEMORY and ctx.device.type == "cuda", drop_last=drop_last,
-                      persistent_workers=workers > 0, generator=generator)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                        pin_memory=cfg.PIN_MEMORY and ctx.device.type == "cuda", drop_last=drop_last,
+                        persistent_workers=workers > 0, generator=generator)
+    if train and len(loader) == 0:
+        raise ValueError(
+            f"training would run no step: {len(dataset)} training sample(s) over {ctx.world_size} process(es) give "
+            f"each process {len(sampler)} sample(s), and a batch of one sample is dropped (BatchNorm needs two). "
+            f"Use more training data (PERCENT, DATASET.TRAIN_SET) or fewer processes; TRAIN.BATCH_SIZE_PER_GPU "
+            f"({batch_size}) is per process.")
+    return loader
 
 
 # ------------------------------------------------------------------------------------------- training state
@@ -258,3 +266,62 @@ class BadStepGuard:
     @property
     def exhausted(self) -> bool:
         return self.consecutive >= self.max_bad
+
+
+def guard_snapshot(model: nn.Module) -> List[torch.Tensor]:
+    """Copies of every buffer of the model (BatchNorm running statistics and batch counters), taken before a step."""
+    return [b.detach().clone() for b in model.buffers()]
+
+
+def guard_restore(model: nn.Module, snapshot: List[torch.Tensor]) -> None:
+    """Puts back the buffers of a skipped step, so that a bad batch leaves the running statistics as they were."""
+    with torch.no_grad():
+        for b, saved in zip(model.buffers(), snapshot):
+            b.copy_(saved)
+
+
+def guarded_update(ctx: RunContext, model: nn.Module, optimizer: torch.optim.Optimizer, total_loss: torch.Tensor,
+                   info: Dict[str, Any], guard: BadStepGuard, snapshot: List[torch.Tensor], epoch: int, step: int,
+                   writer: Any = None) -> bool:
+    """Applies the optimizer step of a finished backward pass, or skips it; shared by every training loop.
+
+    A step is skipped when the loss or a gradient is not finite, or (with TRAIN.SKIP_DIVERGED) when the forward
+    solve diverged: the gradients are dropped, the buffers are restored from ``snapshot`` and the optimizer state
+    is left untouched, so nothing non-finite reaches the weights, the running statistics or the optimizer. Each
+    skip is logged with the running counts and written to TensorBoard as ``train/skipped_steps``.
+
+    Returns:
+        True when the step was applied.
+
+    Raises:
+        TrainingDiverged: after TRAIN.MAX_BAD_STEPS consecutive skipped steps.
+    """
+    forward = info.get("forward")
+    diverged = bool(ctx.cfg.TRAIN.SKIP_DIVERGED and forward and forward["diverged"] > 0)
+    if guard.check(total_loss, model, diverged):
+        optimizer.step()
+        return True
+    guard_restore(model, snapshot)
+    optimizer.zero_grad(set_to_none=True)
+    logger.warning("epoch %d step %d: skipped a step with a non-finite loss or gradient or a diverged solve "
+                   "(%d in a row, %d skipped steps in total)", epoch, step, guard.consecutive, guard.total)
+    if writer is not None:
+        writer.add_scalar("train/skipped_steps", guard.total, step)
+    if guard.exhausted:
+        raise TrainingDiverged(
+            f"{guard.consecutive} consecutive bad steps (non-finite loss or gradients, or diverged solves) at "
+            f"epoch {epoch}, step {step}; training stopped (TRAIN.MAX_BAD_STEPS is {guard.max_bad}). Lower "
+            f"TRAIN.LR, set TRAIN.CLIP, or raise TRAIN.MAX_BAD_STEPS.")
+    return False
+
+
+def save_last_good(ctx: RunContext, checkpoint: Callable[[], Dict[str, Any]],
+                   exc: TrainingDiverged) -> TrainingDiverged:
+    """Writes ``checkpoint()`` to ``last_good.pth.tar`` (rank 0) after training diverged; returns the error to
+    raise, which names the file and how to continue from it."""
+    path = os.path.join(ctx.output_dir, "last_good.pth.tar")
+    if ctx.is_main:
+        save_checkpoint(checkpoint(), path)
+    du.barrier()
+    return TrainingDiverged(f"{exc} The last good state (weights, optimizer, schedule) is in {path}; to go on "
+                            f"from it, change the settings and pass TRAIN.CHECKPOINT {path}.")

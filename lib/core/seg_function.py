@@ -10,8 +10,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from mdeq.core.cls_function import _solver_text, guard_restore, guard_snapshot, jacobian_weight, progress
-from mdeq.core.engine import BadStepGuard, RunContext, TrainingDiverged, unwrap
+from mdeq.core.cls_function import _solver_text, jacobian_weight, progress
+from mdeq.core.engine import BadStepGuard, RunContext, guard_snapshot, guarded_update, unwrap
 from mdeq.core.metrics import AverageMeter, confusion_matrix, iou_from_confusion, reduce_confusion, solver_summary
 from mdeq.core.seg_inference import InferenceSettings, PredictionWriter, predict_labels
 from mdeq.utils import distributed as du
@@ -60,6 +60,7 @@ def train_one_epoch(ctx: RunContext, loader: DataLoader, model: nn.Module, crite
         images = images.to(ctx.device, non_blocking=True)  # (B, 3, H, W)
         labels = labels.to(ctx.device, non_blocking=True)  # (B, H', W')
         step = state["step"]
+        state["batch"] = i  # the batch in flight, for the checkpoint written when training diverges
         factor = jacobian_weight(cfg, step, epoch)
         compute_jac = factor > 0 and random.random() < cfg.LOSS.JAC_LOSS_FREQ
         guard_state = guard_snapshot(model)
@@ -72,21 +73,7 @@ def train_one_epoch(ctx: RunContext, loader: DataLoader, model: nn.Module, crite
         total_loss.backward()
         if cfg.TRAIN.CLIP > 0:
             nn.utils.clip_grad_norm_(model.parameters(), cfg.TRAIN.CLIP)
-        diverged = bool(cfg.TRAIN.SKIP_DIVERGED and info.get("forward") and info["forward"]["diverged"] > 0)
-        if guard.check(total_loss, model, diverged):
-            optimizer.step()
-        else:
-            guard_restore(model, guard_state)
-            optimizer.zero_grad(set_to_none=True)
-            logger.warning("epoch %d step %d: skipped a step with a non-finite loss or gradient or a diverged "
-                           "solve (%d in a row, %d in total)", epoch, step, guard.consecutive, guard.total)
-            if writer is not None:
-                writer.add_scalar("train/skipped_steps", guard.total, step)
-            if guard.exhausted:
-                raise TrainingDiverged(
-                    f"{guard.consecutive} consecutive bad steps (non-finite loss or gradients) at epoch {epoch}, "
-                    f"step {step}; training stopped. The last good weights are in {ctx.output_dir}. Lower "
-                    f"TRAIN.LR, set TRAIN.CLIP, or raise TRAIN.MAX_BAD_STEPS.")
+        guarded_update(ctx, model, optimizer, total_loss, info, guard, guard_state, epoch, step, writer)
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         state["step"] = step + 1

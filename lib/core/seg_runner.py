@@ -6,8 +6,9 @@ is TRAIN.EXTRA_LR and a schedule that restarts over the extra epochs. The global
 equilibrium mode) runs on across both phases.
 
 Files in OUTPUT_DIR/<dataset>/<config name>/: ``checkpoint.pth.tar`` (resumable training state, written
-atomically after every epoch), ``best.pth`` (bare state dict of the best validation mIoU) and
-``final_state.pth`` (bare state dict at the end).
+atomically after every epoch; the one it replaces stays as ``checkpoint_prev.pth.tar``), ``best.pth`` (bare state
+dict of the best validation mIoU), ``final_state.pth`` (bare state dict at the end) and, when training stops after
+TRAIN.MAX_BAD_STEPS bad steps, ``last_good.pth.tar`` (resumable state before the failing batch).
 """
 from __future__ import annotations
 
@@ -21,9 +22,9 @@ import torch
 from torch import nn
 from yacs.config import CfgNode as CN
 
-from mdeq.core.cls_runner import resume_path, training_checkpoint
-from mdeq.core.engine import (BadStepGuard, ShardSampler, TrainingDiverged, make_loader, set_rng_state, setup_run,
-                              subset_percent, tensorboard_writer, unwrap, wrap_model)
+from mdeq.core.cls_runner import prepare_output, resume_error, resume_path, training_checkpoint
+from mdeq.core.engine import (BadStepGuard, ShardSampler, TrainingDiverged, make_loader, save_last_good,
+                              set_rng_state, setup_run, subset_percent, tensorboard_writer, unwrap, wrap_model)
 from mdeq.core.optim import build_optimizer, build_scheduler
 from mdeq.core.seg_criterion import build_criterion
 from mdeq.core.seg_function import train_one_epoch, validate
@@ -31,8 +32,8 @@ from mdeq.core.seg_inference import PredictionWriter, settings_from_cfg
 from mdeq.datasets import get_seg_dataset
 from mdeq.models import get_seg_net
 from mdeq.utils import distributed as du
-from mdeq.utils.checkpoint import (CheckpointError, load_pretrained, load_strict, load_training_checkpoint,
-                                   save_checkpoint)
+from mdeq.utils.checkpoint import (CheckpointError, keep_previous, load_pretrained, load_strict,
+                                   load_training_checkpoint, save_checkpoint)
 from mdeq.utils.summary import describe_model
 
 logger = logging.getLogger(__name__)
@@ -101,15 +102,16 @@ def run_train(args: argparse.Namespace) -> Dict[str, Any]:
     """
     ctx = setup_run(args, "train")
     cfg = ctx.cfg
-    model, _ = build_model(cfg)
-    logger.info(describe_model(model))
-    model = wrap_model(model, ctx, sync_bn=True)
-
-    train_full = get_seg_dataset(cfg, "train")
+    prepare_output(ctx)
+    train_full = get_seg_dataset(cfg, "train")  # data problems are reported before the model is built
     valid_set = get_seg_dataset(cfg, "val")
     if not valid_set.has_labels:
         raise ValueError(f"DATASET.TEST_SET {cfg.DATASET.TEST_SET} has no labels; training validates on it, so "
                          f"point it at a labelled list such as list/cityscapes/val.lst")
+    model, _ = build_model(cfg)
+    logger.info(describe_model(model))
+    model = wrap_model(model, ctx, sync_bn=True)
+
     criterion = build_criterion(cfg, _class_weights(train_full)).to(ctx.device)
     loaders = {"main": make_loader(subset_percent(train_full, cfg.PERCENT), ctx, cfg.TRAIN.BATCH_SIZE_PER_GPU,
                                    train=True)}
@@ -146,8 +148,7 @@ def run_train(args: argparse.Namespace) -> Dict[str, Any]:
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["lr_scheduler"])
         except (CheckpointError, KeyError, ValueError, RuntimeError) as exc:
-            raise CheckpointError(f"cannot resume from {path}: {exc}. Delete it (or set TRAIN.RESUME False) to "
-                                  f"start afresh.") from None
+            raise resume_error(path, exc) from None
         best_miou = float(ckpt.get("best_mIoU", ckpt.get("best_perf", 0.0)))
         state = {"step": int(ckpt.get("step", begin_epoch * len(loaders["main"]))),
                  "start_batch": int(ckpt.get("batch", 0))}
@@ -182,15 +183,14 @@ def run_train(args: argparse.Namespace) -> Dict[str, Any]:
 
         def on_step(batch: int, epoch: int = epoch, total: int = steps_this_epoch) -> None:
             if every > 0 and state["step"] % every == 0 and batch + 1 < total and ctx.is_main:
+                keep_previous(ckpt_file)
                 save_checkpoint(checkpoint(epoch, best_miou, batch + 1), ckpt_file)
 
         try:
             train_one_epoch(ctx, loader, model, criterion, optimizer, scheduler, epoch, state, guard, writer,
                             on_step)
-        except TrainingDiverged:
-            if ctx.is_main:
-                save_checkpoint(checkpoint(epoch, 0.0), os.path.join(ctx.output_dir, "last_good.pth.tar"))
-            raise
+        except TrainingDiverged as exc:  # resumable at the batch that failed, with the weights before it
+            raise save_last_good(ctx, lambda epoch=epoch: checkpoint(epoch, 0.0, state["batch"]), exc) from None
         sampler.set_start(0)
         result = validate(ctx, valid_loader, model, settings, valid_set.num_classes, valid_set.class_names,
                           writer, state["step"])
@@ -198,6 +198,7 @@ def run_train(args: argparse.Namespace) -> Dict[str, Any]:
         is_best = miou > best_miou or not os.path.isfile(os.path.join(ctx.output_dir, "best.pth"))
         best_miou = max(best_miou, miou)
         if ctx.is_main:
+            keep_previous(ckpt_file)
             save_checkpoint(checkpoint(epoch + 1, miou), ckpt_file)
             if is_best:
                 save_checkpoint(unwrap(model).state_dict(), os.path.join(ctx.output_dir, "best.pth"))

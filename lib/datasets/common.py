@@ -33,6 +33,10 @@ class BadFileError(ValueError):
 
     def __init__(self, path: str, reason: str = "") -> None:
         self.path = path
+        if not reason and "\n" in path:
+            # rebuilt from a finished message (a DataLoader worker hands errors back as text): keep it as it is
+            super().__init__(path)
+            return
         detail = f" ({reason})" if reason else ""
         super().__init__(
             f"cannot read {path}{detail}. Replace or delete the file, or set DATASET.SKIP_BAD_FILES True to skip "

@@ -16,10 +16,11 @@ import contextlib
 import logging
 import os
 import pickle
+import shutil
 import tempfile
 import zipfile
 from collections import OrderedDict
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -78,19 +79,44 @@ def safe_load(path: str) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         text = str(exc)
-        if "Weights only load failed" in text or "Unsupported global" in text or "GLOBAL" in text:
+        detail = text.split("WeightsUnpickler error:", 1)[-1]
+        if "Unsupported operand" in detail:  # an opcode the safe loader lacks: read the opcodes (runs nothing)
+            damaged = _pickle_contents(path) == "damaged"
+        else:
+            damaged = "truncated" in detail or "EOF" in detail
+        if not damaged and ("Weights only load failed" in text or "Unsupported global" in text or "GLOBAL" in text):
             raise CheckpointError(
                 f"refused to load {path}: it contains Python objects other than tensors and plain containers, "
                 f"and unpickling them could run code from the file. Only tensor checkpoints are accepted. If you "
                 f"trust the file, convert it once in a separate Python session to a plain state dict "
                 f"(torch.save(state_dict, 'clean.pth')).") from None
-        raise CheckpointError(f"{path} is not a readable checkpoint ({_first_line(text)}); it may be truncated "
-                              f"or corrupted. Use an earlier checkpoint or download it again.") from None
+        raise CheckpointError(f"{path} is not a readable checkpoint ({_first_line(detail)}); it may be truncated, "
+                              f"corrupted, or not a PyTorch file at all. Use an earlier checkpoint or download it "
+                              f"again.") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, AttributeError, KeyError,
             IndexError, TypeError) as exc:
         raise CheckpointError(f"{path} is not a readable checkpoint ({type(exc).__name__}: "
                               f"{_first_line(str(exc))}); it may be truncated, corrupted, or not a PyTorch file "
                               f"at all. Use an earlier checkpoint or download it again.") from None
+
+
+# opcodes through which a pickle imports or calls something: only these can make unpickling run code
+_CODE_OPCODES = {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX", "BUILD", "EXT1", "EXT2",
+                 "EXT4"}
+
+
+def _pickle_contents(path: str) -> str:
+    """What a file that the safe loader could not decode holds, found by decoding its opcodes without executing
+    any: "objects" (a pickle that imports or calls something), "plain" (a pickle of plain values only), or
+    "damaged" (not a pickle stream: random bytes, another file type, a truncated file)."""
+    import pickletools
+
+    try:
+        with open(path, "rb") as fh:
+            names = {op.name for op, _, _ in pickletools.genops(fh)}
+    except Exception:  # any decoding failure means the bytes are not a whole pickle
+        return "damaged"
+    return "objects" if names & _CODE_OPCODES else "plain"
 
 
 def _first_line(text: str) -> str:
@@ -244,14 +270,30 @@ def load_pretrained(model: nn.Module, path: str) -> Dict[str, List[str]]:
     return {"loaded": list(keep), "dropped": unexpected, "misshapen": sorted(bad), "not_in_file": missing}
 
 
+def previous_path(path: str) -> str:
+    """Where :func:`save_checkpoint` keeps the file it replaces (``checkpoint.pth.tar`` ->
+    ``checkpoint_prev.pth.tar``)."""
+    folder, name = os.path.split(path)
+    for ext in (".pth.tar", ".pth", ".pkl", ".tar"):
+        if name.endswith(ext):
+            return os.path.join(folder, name[: -len(ext)] + "_prev" + ext)
+    return path + "_prev"
+
+
+def _temporary_prefix(path: str) -> str:
+    return "." + os.path.basename(path) + "."
+
+
 def save_checkpoint(obj: Any, path: str) -> None:
     """Writes ``obj`` with torch.save atomically: a temporary file in the same folder, fsync, then rename.
 
-    A crash at any moment leaves either the previous file or the new one, never a partial file.
+    A crash at any moment leaves either the previous file or the new one, never a partial file under ``path``
+    (a killed process can leave its temporary ``.<name>.*.tmp`` file behind; :func:`remove_partial_files` clears
+    those).
     """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as fh:
             torch.save(obj, fh)
@@ -270,6 +312,44 @@ def save_checkpoint(obj: Any, path: str) -> None:
         raise
 
 
+def keep_previous(path: str) -> None:
+    """Gives the current ``path`` (if any) the second name :func:`previous_path`, before a new version is saved, so
+    that a later corruption of ``path`` still leaves one good checkpoint (AUTO_RESUME falls back to it).
+
+    A hard link: no copy, and the atomic rename of the next save leaves the old file under the second name.
+    """
+    if not os.path.isfile(path):
+        return
+    prev = previous_path(path)
+    tmp = os.path.join(os.path.dirname(prev), _temporary_prefix(prev) + "link.tmp")  # see remove_partial_files
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(tmp)
+    try:
+        os.link(path, tmp)
+    except OSError:  # no hard links on this file system: a copy
+        shutil.copyfile(path, tmp)
+    os.replace(tmp, prev)  # atomic: the previous backup stays until the new one is complete
+
+
+def remove_partial_files(folder: str, names: Sequence[str]) -> List[str]:
+    """Deletes the temporary files that :func:`save_checkpoint` left in ``folder`` for the given file names when
+    its process was killed mid-write (they are never a complete checkpoint). Call it only where no other process
+    is saving into the folder (rank 0, before training). Returns the deleted paths."""
+    removed = []
+    if not os.path.isdir(folder):
+        return removed
+    prefixes = tuple(_temporary_prefix(name) for name in names)
+    for entry in sorted(os.listdir(folder)):
+        if entry.startswith(prefixes) and entry.endswith(".tmp"):
+            path = os.path.join(folder, entry)
+            with contextlib.suppress(OSError):
+                os.remove(path)
+                removed.append(path)
+                logger.warning("removed %s, a partial checkpoint left by a process that was stopped while "
+                               "writing it", path)
+    return removed
+
+
 def load_training_checkpoint(path: str) -> Dict[str, Any]:
     """Loads one of our training checkpoints (for resume) and checks that it has what resuming needs."""
     obj = safe_load(path)
@@ -279,10 +359,12 @@ def load_training_checkpoint(path: str) -> Dict[str, Any]:
     return dict(obj)
 
 
-def newest_valid_checkpoint(paths: List[str]) -> Optional[Tuple[str, Dict[str, Any]]]:
+def newest_valid_checkpoint(paths: List[str], set_aside: bool = False) -> Optional[Tuple[str, Dict[str, Any]]]:
     """Among existing ``paths``, the readable training checkpoint with the highest (epoch, step); None if none.
 
-    Unreadable files are logged and skipped (AUTO_RESUME).
+    Unreadable files are logged and skipped (AUTO_RESUME). With ``set_aside`` they are also renamed to
+    ``<name>.unusable`` (bytes kept for a look, and out of the way of the next save, which would otherwise keep
+    the unusable file as the previous checkpoint); only one process may do that.
     """
     best = None
     for path in paths:
@@ -292,6 +374,10 @@ def newest_valid_checkpoint(paths: List[str]) -> Optional[Tuple[str, Dict[str, A
             ckpt = load_training_checkpoint(path)
         except (CheckpointError, FileNotFoundError) as exc:
             logger.warning("skipping unusable checkpoint %s: %s", path, exc)
+            if set_aside:
+                with contextlib.suppress(OSError):
+                    os.replace(path, path + ".unusable")
+                    logger.warning("moved it to %s.unusable", path)
             continue
         key = (int(ckpt.get("epoch", 0)), int(ckpt.get("step", 0)))
         if best is None or key > best[0]:

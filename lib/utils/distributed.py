@@ -70,7 +70,17 @@ def init_distributed(device: torch.device, timeout_minutes: int = 30) -> bool:
     if "MASTER_PORT" not in os.environ:
         os.environ["MASTER_PORT"] = "29500"
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        dist.init_process_group(backend=backend, timeout=timeout)
+    else:
+        # The elastic agent (torchrun) keeps one key-value store for all attempts of a job; without a prefix of its
+        # own, a restarted job (--max-restarts) would read the connection keys of the processes it replaced and
+        # fail to connect. Each attempt gets its own prefix.
+        store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+        dist.init_process_group(backend=backend, store=dist.PrefixStore(f"mdeq/attempt_{attempt}", store),
+                                rank=rank, world_size=world_size, timeout=timeout)
     logger.info("process group: backend %s, rank %d of %d", backend, get_rank(), get_world_size())
     return True
 

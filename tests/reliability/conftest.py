@@ -1,0 +1,22 @@
+"""Fixtures of the reliability tests: the ``kit`` of tests/tools (with its one-thread, state-restoring autouse
+fixture) and ``rel``, the helpers of rel_kit.py as a namespace."""
+import types
+
+import pytest
+
+import rel_kit
+
+# the fixtures of tests/tools: one thread per test and process state put back afterwards; the helper namespace
+restore_process_state = rel_kit.tools.restore_process_state
+kit = rel_kit.tools.kit
+skip_cifar_md5 = rel_kit.tools.skip_cifar_md5
+
+
+@pytest.fixture
+def rel():
+    """The helpers of rel_kit.py, as one namespace."""
+    return types.SimpleNamespace(
+        REPO=rel_kit.REPO, HOOKS=rel_kit.HOOKS, SEG_CFG=rel_kit.SEG_CFG, SEG_TINY=list(rel_kit.SEG_TINY),
+        fingerprint=rel_kit.fingerprint, partial_files=rel_kit.partial_files, hooked=rel_kit.hooked,
+        env=rel_kit.subprocess_env, start=rel_kit.start, wait_for=rel_kit.wait_for, kill_group=rel_kit.kill_group,
+        read=rel_kit.read, make_cityscapes=rel_kit.make_cityscapes)
