@@ -45,7 +45,8 @@ def build_model(ctx: RunContext) -> nn.Module:
 def training_checkpoint(ctx: RunContext, model: nn.Module, optimizer, scheduler, epoch: int, state: Dict[str, Any],
                         perf: float, best_perf: float, batch: int = 0) -> Dict[str, Any]:
     """Everything needed to continue exactly: weights, optimizer, scheduler, counters and random generators."""
-    return {"epoch": epoch, "step": state["step"], "batch": batch, "model": ctx.cfg.MODEL.NAME,
+    return {"epoch": epoch, "step": state["step"], "batch": batch, "world_size": ctx.world_size,
+            "model": ctx.cfg.MODEL.NAME,
             "state_dict": unwrap(model).state_dict(), "perf": float(perf), "best_perf": float(best_perf),
             "optimizer": optimizer.state_dict(), "lr_scheduler": scheduler.state_dict(), "rng": rng_state(),
             "config": ctx.cfg.dump()}
@@ -96,6 +97,16 @@ def resume_error(path: str, exc: Exception) -> CheckpointError:
                            f"fall back to the newest readable checkpoint.")
 
 
+def warn_if_resharded(ctx: RunContext, ckpt: Dict[str, Any], path: str) -> None:
+    """A mid-epoch checkpoint counts batches per process; resumed by another number of processes, the rest of that
+    epoch sees the samples in another order (some twice, some not at all). Says so."""
+    saved = int(ckpt.get("world_size", ctx.world_size))
+    if int(ckpt.get("batch", 0)) > 0 and saved != ctx.world_size:
+        logger.warning("%s was written mid-epoch by %d process(es) and is resumed by %d: the rest of epoch %d does "
+                       "not continue the same sample order (resume from an epoch-end checkpoint, or with %d "
+                       "processes, for that)", path, saved, ctx.world_size, int(ckpt["epoch"]), saved)
+
+
 def prepare_output(ctx: RunContext) -> None:
     """Rank 0, before training: clears partial checkpoint files that a killed run left in the output folder."""
     if ctx.is_main:
@@ -135,6 +146,7 @@ def run_train(args: argparse.Namespace) -> Dict[str, float]:
         state = {"step": int(ckpt.get("step", begin_epoch * steps_per_epoch)), "start_batch": int(ckpt.get("batch", 0))}
         if "rng" in ckpt:
             set_rng_state(ckpt["rng"])
+        warn_if_resharded(ctx, ckpt, path)
         logger.info("=> resumed from %s: epoch %d, step %d, batch %d, best Accuracy@1 %.3f", path, begin_epoch,
                     state["step"], state["start_batch"], best_perf)
 

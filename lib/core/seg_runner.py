@@ -22,7 +22,8 @@ import torch
 from torch import nn
 from yacs.config import CfgNode as CN
 
-from mdeq.core.cls_runner import prepare_output, resume_error, resume_path, training_checkpoint
+from mdeq.core.cls_runner import (prepare_output, resume_error, resume_path, training_checkpoint,
+                                  warn_if_resharded)
 from mdeq.core.engine import (BadStepGuard, ShardSampler, TrainingDiverged, make_loader, save_last_good,
                               set_rng_state, setup_run, subset_percent, tensorboard_writer, unwrap, wrap_model)
 from mdeq.core.optim import build_optimizer, build_scheduler
@@ -154,6 +155,7 @@ def run_train(args: argparse.Namespace) -> Dict[str, Any]:
                  "start_batch": int(ckpt.get("batch", 0))}
         if "rng" in ckpt:
             set_rng_state(ckpt["rng"])
+        warn_if_resharded(ctx, ckpt, path)
         logger.info("=> resumed from %s: epoch %d (%s phase), step %d, batch %d, best mIoU %.4f", path,
                     begin_epoch, phase, state["step"], state["start_batch"], best_miou)
 

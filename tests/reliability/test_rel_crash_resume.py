@@ -196,3 +196,24 @@ def test_auto_resume_takes_the_newest_valid_checkpoint_and_skips_a_corrupted_one
     with open(latest + ".unusable", "rb") as fh:
         assert fh.read() == data_bytes[: len(data_bytes) // 2]
     assert_same_training(os.path.join(full_out, SUB), folder)
+
+
+def test_mid_epoch_checkpoint_resumed_by_another_number_of_processes_is_flagged(kit, data, tmp_path, capsys):
+    """A mid-epoch checkpoint counts batches per process: resuming it with another number of processes cannot
+    continue the same sample order, and the log says so (an epoch-end checkpoint resumes silently)."""
+    out = str(tmp_path / "out")
+    assert kit.call_tool("cls_train", opts(data, out, str(tmp_path / "l1"), "TRAIN.CHECKPOINT_EVERY_STEPS", "2",
+                                           "TRAIN.END_EPOCH", "1")) == 0
+    folder = os.path.join(out, SUB)
+    mid = load(os.path.join(folder, "checkpoint_prev.pth.tar"))
+    assert (mid["batch"], mid["world_size"]) == (2, 1)
+    two = str(tmp_path / "from_two_processes.pth.tar")
+    torch.save(dict(mid, world_size=2), two)
+    capsys.readouterr()
+    assert kit.call_tool("cls_train", opts(data, out, str(tmp_path / "l2"), "TRAIN.END_EPOCH", "1",
+                                           "TRAIN.CHECKPOINT", two)) == 0
+    text = capsys.readouterr().out
+    assert f"{two} was written mid-epoch by 2 process(es) and is resumed by 1" in text
+    assert kit.call_tool("cls_train", opts(data, out, str(tmp_path / "l3"), "TRAIN.END_EPOCH", "2",
+                                           "TRAIN.CHECKPOINT", os.path.join(folder, "checkpoint.pth.tar"))) == 0
+    assert "was written mid-epoch" not in capsys.readouterr().out
