@@ -4,9 +4,10 @@ runs.
 The payload is an object whose ``__reduce__`` tells the unpickler to call ``open(marker, "w")``: if any loader
 unpickled it with the full pickle machinery, the marker file would exist afterwards. It is hidden inside files
 that otherwise look right (a real state dict, a real training checkpoint), written by torch.save (zip) and by
-plain pickle.dump with protocols 2 and 4 (the original project's .pkl files are pickles). Loaders: cls_valid --testModel, seg_test TEST.MODEL_FILE,
-MODEL.PRETRAINED and TRAIN.MODEL_FILE of both trainers, resuming (TRAIN.RESUME with a poisoned
-checkpoint.pth.tar, TRAIN.CHECKPOINT, AUTO_RESUME) and pretrained_models/extract_state_dict.py.
+plain pickle.dump with protocols 2 and 4 (the original project's .pkl files are pickles). Loaders: cls_valid
+--testModel, seg_test TEST.MODEL_FILE, MODEL.PRETRAINED and TRAIN.MODEL_FILE of both trainers, resuming
+(TRAIN.RESUME with a poisoned checkpoint.pth.tar, TRAIN.CHECKPOINT, AUTO_RESUME) and
+pretrained_models/extract_state_dict.py.
 """
 import os
 import pickle
