@@ -133,6 +133,9 @@ def check_config(cfg: CN) -> CN:
     _choice(errors, "TRAIN.LR_SCHEDULER", cfg.TRAIN.LR_SCHEDULER, _names("scheduler"))
     _choice(errors, "DEVICE", cfg.DEVICE, ["auto", "cpu", "cuda"])
 
+    if cfg.MODEL.COMPILE:
+        errors.append("MODEL.COMPILE: compiling f_theta with torch.compile is not available in this version; "
+                      "set MODEL.COMPILE False")
     if cfg.TRAIN.LR <= 0:
         errors.append(f"TRAIN.LR must be positive, got {cfg.TRAIN.LR}")
     for section in ("TRAIN", "TEST"):

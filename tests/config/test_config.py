@@ -113,6 +113,7 @@ def test_wrong_type_names_key_and_types(tmp_path):
     (["MODEL.F_THRES", "0"], r"F_THRES must be a positive number of iterations, got 0"),
     (["DEQ.B_THRES", "-3"], r"B_THRES must be a positive number of iterations, got -3"),
     (["DEQ.F_EPS", "0.0"], r"DEQ.F_EPS must be positive"),
+    (["MODEL.COMPILE", "True"], r"MODEL.COMPILE: .*not available in this version; set MODEL.COMPILE False"),
 ])
 def test_check_config_names_the_key(opts, message):
     cfg = load_config(None, opts)
