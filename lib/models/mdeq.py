@@ -9,6 +9,7 @@ from torch import nn
 from yacs.config import CfgNode as CN
 
 from mdeq.models.mdeq_core import MDEQNet
+from mdeq.modules.optimizations import tune_cpu_allocator
 
 
 class Bottleneck(nn.Module):
@@ -165,8 +166,19 @@ def get_cls_net(cfg: CN, in_channels: Optional[int] = None) -> MDEQClsNet:
                        num_classes=cfg.MODEL.NUM_CLASSES, **_trunk_kwargs(cfg, 0.1, in_channels))
     if cfg.MODEL.INIT_WEIGHTS:
         model.init_weights()
+    return _performance_options(cfg, model)
+
+
+def _performance_options(cfg: CN, model: MDEQNet) -> MDEQNet:
+    """Applies MODEL.CHANNELS_LAST and MODEL.COMPILE, and on the CPU the allocator setting of
+    :func:`mdeq.modules.optimizations.tune_cpu_allocator` (none of them changes what the model computes)."""
+    device = str(cfg.DEVICE).lower()
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        tune_cpu_allocator()
     if cfg.MODEL.CHANNELS_LAST:
         model = model.to(memory_format=torch.channels_last)
+    if cfg.MODEL.COMPILE:
+        model.compile_f_theta()
     return model
 
 
@@ -176,6 +188,4 @@ def get_seg_net(cfg: CN, in_channels: Optional[int] = None) -> MDEQSegNet:
                        **_trunk_kwargs(cfg, 0.01, in_channels))
     if cfg.MODEL.INIT_WEIGHTS:
         model.init_weights()
-    if cfg.MODEL.CHANNELS_LAST:
-        model = model.to(memory_format=torch.channels_last)
-    return model
+    return _performance_options(cfg, model)

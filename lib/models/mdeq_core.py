@@ -5,8 +5,9 @@ State-dict names follow the original project so that its checkpoints load: ``dow
 """
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +15,8 @@ from torch import nn
 
 from mdeq.modules.deq import DEQLayer
 from mdeq.modules.optimizations import VariationalDropout2d, WNConv2d, make_conv
+
+logger = logging.getLogger(__name__)
 
 
 class BasicBlock(nn.Module):
@@ -168,9 +171,12 @@ class MDEQModule(nn.Module):
             elif isinstance(m, VariationalDropout2d):
                 m.mask = None
 
-    def forward(self, z: List[torch.Tensor], injection: Optional[List[torch.Tensor]] = None
+    def forward(self, z: List[torch.Tensor], injection: Optional[List[Optional[torch.Tensor]]] = None
                 ) -> List[torch.Tensor]:
-        """One application of f_theta to the list of per-resolution states (B, C_i, H_i, W_i)."""
+        """One application of f_theta to the list of per-resolution states (B, C_i, H_i, W_i).
+
+        ``injection`` holds one tensor per resolution, shaped like its state, or None where it is zero.
+        """
         injection = injection if injection is not None else [None] * self.num_branches
         blocks = [self.branches[i](z[i], injection[i]) for i in range(self.num_branches)]
         if self.fuse_layers is None:
@@ -208,7 +214,9 @@ class MDEQNet(nn.Module):
         pretrain_steps: the model runs unrolled while ``0 <= train_step < pretrain_steps``.
         bn_momentum: momentum of the BatchNorms outside f_theta.
         deq: keyword arguments of :class:`mdeq.modules.deq.DEQLayer` (solvers, caps, tolerances).
-        channels_last: run in channels_last memory format.
+        channels_last: run in channels_last memory format. The equilibrium states are then created and kept
+            channels_last, and the equilibrium layer flattens them in (H, W, C) order, so no call of f_theta
+            converts between layouts.
     """
 
     def __init__(self, num_channels: Sequence[int], num_blocks: Sequence[int], in_channels: int = 3,
@@ -251,17 +259,40 @@ class MDEQNet(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
+    def compile_f_theta(self, backend: str = "inductor", **options: Any) -> None:
+        """Runs f_theta through ``torch.compile`` from now on (``MODEL.COMPILE``); the outputs stay the same.
+
+        The compiled wrapper is kept outside the module tree, so parameter names, state dicts and checkpoints
+        are unchanged. Each input shape and grad mode compiles once (the solver's calls, the differentiable
+        call at z*, evaluation batches).
+
+        Args:
+            backend: A ``torch.compile`` backend ("inductor" generates fused kernels; "eager" only traces,
+                which tests use to check the wiring quickly).
+            **options: Further keyword arguments of ``torch.compile`` (e.g. ``mode``, ``dynamic``).
+        """
+        logger.info("compiling f_theta with torch.compile(backend=%r, %s)", backend, options)
+        self.__dict__["_f_theta_compiled"] = torch.compile(self.fullstage, backend=backend, **options)
+
+    @property
+    def f_theta(self) -> Callable[..., List[torch.Tensor]]:
+        """f_theta as called inside the equilibrium layer: the compiled wrapper if any, else the module."""
+        compiled = self.__dict__.get("_f_theta_compiled")
+        return self.fullstage if compiled is None else compiled
+
     def injection(self, x: torch.Tensor) -> List[torch.Tensor]:
         """Stem + injection: the image goes to the highest resolution, zeros to the others."""
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=fmt)
         x = self.downsample(x)
         x0 = self.stage0(x) if self.stage0 is not None else x
         xs = [x0]
         b, _, h, w = x0.shape
         for i in range(1, self.num_branches):
             h, w = (h + 1) // 2, (w + 1) // 2  # what a stride-2, padding-1 3x3 convolution produces
-            xs.append(x0.new_zeros(b, self.num_channels[i], h, w))
+            xs.append(torch.zeros((b, self.num_channels[i], h, w), dtype=x0.dtype, device=x0.device)
+                      .contiguous(memory_format=fmt))
         return xs
 
     def equilibrium(self, x: torch.Tensor, train_step: int = -1, compute_jac_loss: bool = False,
@@ -274,9 +305,13 @@ class MDEQNet(nn.Module):
         xs = self.injection(x)
         z0 = [torch.zeros_like(e) for e in xs]
         self.fullstage.prepare([e.shape for e in xs], xs[0].device, xs[0].dtype)
+        # Only the highest resolution receives the image; the others' injections are zero, so they are skipped
+        # (adding a zero tensor in every call of f changes nothing).
+        injection: List[Optional[torch.Tensor]] = [xs[0]] + [None] * (self.num_branches - 1)
+        f_theta = self.f_theta
 
         def f(z: List[torch.Tensor]) -> List[torch.Tensor]:
-            return self.fullstage(z, xs)
+            return f_theta(z, injection)
 
         if 0 <= train_step < self.pretrain_steps:
             z, info = self.deq.unrolled(f, z0, self.num_layers, compute_jac_loss=compute_jac_loss)

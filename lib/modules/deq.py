@@ -7,12 +7,25 @@ adjoint system g = J^T g + dL/dz* (J = df/dz at z*). In training the layer makes
 f_z = f(z*) and registers a hook on f_z that replaces the incoming gradient dL/dz* by g (solved with the backward
 solver); autograd then carries g into the parameters. The hook removes itself when it fires, and a hook that never
 fired (no backward) is removed at the next forward, so no hook outlives its graph.
+
+Layout. States in channels_last memory format are flattened in (H, W, C) order, so that the views handed
+back to f keep channels_last strides and no call of f converts between layouts (the solvers only use
+per-sample norms, dot products and elementwise operations, which do not depend on the order).
+
+Mixed precision. Under an enclosing ``torch.autocast`` only the calls of f run in the lower precision: the
+solvers always work in the dtype of the states.
+
+Instrumentation. ``DEQLayer.probe`` (None by default) receives ``begin(kind)`` / ``end(kind)`` around every
+call of f (``"f"``), every vector-Jacobian product of the adjoint solve (``"vjp"``), the backward pass
+through the differentiable call(s) of f at z* (``"f_backward"``) and the two solves (``"forward_solve"``,
+``"backward_solve"``, which contain the calls of f and the VJPs); benchmarks use it to time those parts.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import random
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -23,20 +36,94 @@ from mdeq.modules.solvers import get_solver
 StateList = List[torch.Tensor]
 
 
-def list2vec(z: Sequence[torch.Tensor]) -> torch.Tensor:
-    """[(B, C_i, H_i, W_i)] -> (B, D) with D = sum_i C_i H_i W_i."""
+def list2vec(z: Sequence[torch.Tensor], channels_last: bool = False) -> torch.Tensor:
+    """[(B, C_i, H_i, W_i)] -> (B, D) with D = sum_i C_i H_i W_i.
+
+    Args:
+        z: Per-resolution states.
+        channels_last: Flatten each state in (H, W, C) order (no copy before the concatenation when the
+            states are channels_last); otherwise in (C, H, W) order.
+
+    Returns:
+        The concatenated states, shape (B, D).
+    """
     b = z[0].shape[0]
+    if channels_last:
+        return torch.cat([e.permute(0, 2, 3, 1).reshape(b, -1) for e in z], dim=1)  # (B, H*W*C) pieces
     return torch.cat([e.reshape(b, -1) for e in z], dim=1)
 
 
-def vec2list(v: torch.Tensor, shapes: Sequence[torch.Size]) -> StateList:
-    """(B, D) -> [(B, C_i, H_i, W_i)] for the given per-resolution shapes."""
+def vec2list(v: torch.Tensor, shapes: Sequence[torch.Size], channels_last: bool = False) -> StateList:
+    """(B, D) -> [(B, C_i, H_i, W_i)] for the given per-resolution shapes (views of v where possible).
+
+    Args:
+        v: Flattened states, shape (B, D).
+        shapes: The per-resolution shapes (B, C_i, H_i, W_i).
+        channels_last: v was flattened in (H, W, C) order (see :func:`list2vec`); the pieces are then
+            returned with channels_last strides.
+
+    Returns:
+        The per-resolution states.
+    """
     out, start = [], 0
+    b = v.shape[0]
     for s in shapes:
         n = int(math.prod(s[1:]))
-        out.append(v[:, start:start + n].reshape(v.shape[0], *s[1:]))
+        piece = v[:, start:start + n]
+        if channels_last:
+            c, h, w = s[1:]
+            out.append(piece.reshape(b, h, w, c).permute(0, 3, 1, 2))  # (B, C, H, W), NHWC strides
+        else:
+            out.append(piece.reshape(b, *s[1:]))
         start += n
     return out
+
+
+def is_channels_last(z: Sequence[torch.Tensor]) -> bool:
+    """Whether every 4-d state is channels_last and at least one is not also plain contiguous.
+
+    (A state with one channel or a 1x1 image is both; its two flattening orders coincide.)
+    """
+    if not z or any(e.dim() != 4 or not e.is_contiguous(memory_format=torch.channels_last) for e in z):
+        return False
+    return any(not e.is_contiguous() for e in z)
+
+
+class Probe(Protocol):
+    """Receives the start and end of the timed parts of an equilibrium layer (see the module docstring)."""
+
+    def begin(self, kind: str) -> None:
+        """Called when a part of kind ``"f"``, ``"vjp"``, ``"f_backward"``, ``"forward_solve"`` or
+        ``"backward_solve"`` starts."""
+
+    def end(self, kind: str) -> None:
+        """Called when it ends."""
+
+
+def autocast_state(device_type: str) -> Tuple[bool, Optional[torch.dtype]]:
+    """Whether autocast is enabled for ``device_type`` here, and its dtype (torch >= 2.1)."""
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 takes no argument
+        enabled = (torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled())
+    if not enabled:
+        return False, None
+    try:
+        return True, torch.get_autocast_dtype(device_type)
+    except AttributeError:  # torch < 2.4
+        return True, (torch.get_autocast_cpu_dtype() if device_type == "cpu" else torch.get_autocast_gpu_dtype())
+
+
+@contextlib.contextmanager
+def _probed(probe: Optional[Probe], kind: str) -> Iterator[None]:
+    if probe is None:
+        yield
+        return
+    probe.begin(kind)
+    try:
+        yield
+    finally:
+        probe.end(kind)
 
 
 def summarize(stats: Dict[str, Any]) -> Dict[str, torch.Tensor]:
@@ -95,6 +182,7 @@ class DEQLayer(nn.Module):
         self.check_every = int(check_every)
         self._hook: Optional[Any] = None
         self._last_z: Optional[torch.Tensor] = None
+        self.probe: Optional[Probe] = None
 
     def extra_repr(self) -> str:
         return (f"f_solver={self.f_solver_name}, b_solver={self.b_solver_name}, f_thres={self.f_thres}, "
@@ -126,6 +214,11 @@ class DEQLayer(nn.Module):
             self._hook.remove()
             self._hook = None
 
+    def _f(self, f: Callable[[StateList], StateList], z: StateList) -> StateList:
+        """One call of f, reported to the probe."""
+        with _probed(self.probe, "f"):
+            return f(z)
+
     # ----------------------------------------------------------------------------------------- unrolled mode
     def unrolled(self, f: Callable[[StateList], StateList], z0: StateList, num_layers: int,
                  compute_jac_loss: bool = False) -> Tuple[StateList, Dict[str, Any]]:
@@ -134,16 +227,17 @@ class DEQLayer(nn.Module):
         info: Dict[str, Any] = {"mode": "unrolled", "jac_loss": None}
         z = z0
         for _ in range(num_layers - 1):
-            z = f(z)
+            z = self._f(f, z)
         if compute_jac_loss and torch.is_grad_enabled():
             shapes = [e.shape for e in z]
-            zin = list2vec(z)
+            nhwc = is_channels_last(z)
+            zin = list2vec(z, nhwc)
             if not zin.requires_grad:
                 zin = zin.detach().requires_grad_()
-            fz = list2vec(f(vec2list(zin, shapes)))
+            fz = list2vec(self._f(f, vec2list(zin, shapes, nhwc)), nhwc)
             info["jac_loss"] = jac_loss_estimate(fz, zin)
-            return vec2list(fz, shapes), info
-        return f(z), info
+            return vec2list(fz, shapes, nhwc), info
+        return self._f(f, z), info
 
     # -------------------------------------------------------------------------------------- equilibrium mode
     def forward(self, f: Callable[[StateList], StateList], z0: StateList, compute_jac_loss: bool = False
@@ -151,15 +245,21 @@ class DEQLayer(nn.Module):
         """Solves for the equilibrium of f starting from z0; returns (states, info)."""
         self.remove_hook()
         shapes = [e.shape for e in z0]
+        nhwc = is_channels_last(z0)
+        device_type = z0[0].device.type
+        amp, amp_dtype = autocast_state(device_type)
+        probe = self.probe
 
         def fvec(v: torch.Tensor) -> torch.Tensor:
-            return list2vec(f(vec2list(v, shapes)))
+            # (B, D) -> (B, D) in the states' dtype; f itself runs under the caller's autocast, if any.
+            with _probed(probe, "f"), torch.autocast(device_type, dtype=amp_dtype, enabled=amp):
+                return list2vec(f(vec2list(v, shapes, nhwc)), nhwc).to(v.dtype)
 
-        x0 = list2vec(z0)
+        x0 = list2vec(z0, nhwc)
         if not self.training and self.warm_start and self._last_z is not None and self._last_z.shape == x0.shape:
             x0 = self._last_z
         dim = x0.shape[1]
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(device_type, enabled=False), _probed(probe, "forward_solve"):
             z_star, stats = self.f_solver(fvec, x0, self._forward_cap(), self._tol(self.f_eps, dim, True),
                                           self.stop_mode, **self._options(self.f_options, x0.device))
         info: Dict[str, Any] = {"mode": "equilibrium", "forward": summarize(stats), "jac_loss": None}
@@ -172,23 +272,41 @@ class DEQLayer(nn.Module):
                     zr = z_star.detach().requires_grad_()
                     radius, _ = power_method(fvec(zr), zr, n_iters=100)
                 info["spectral_radius"] = radius.mean()
-            return vec2list(z_star, shapes), info
+            return vec2list(z_star, shapes, nhwc), info
 
         z_star = z_star.detach().requires_grad_()
         if self.backward_mode == "phantom":
             z = z_star
-            for _ in range(self.phantom_steps):
-                z = self.phantom_tau * fvec(z) + (1.0 - self.phantom_tau) * z
-            if compute_jac_loss:
+            for step in range(self.phantom_steps):
+                fz = fvec(z)
+                if step == 0 and compute_jac_loss:
+                    info["jac_loss"] = jac_loss_estimate(fz, z_star)  # reuses f(z*) of the first step
+                z = self.phantom_tau * fz + (1.0 - self.phantom_tau) * z
+            if compute_jac_loss and info["jac_loss"] is None:
                 info["jac_loss"] = jac_loss_estimate(fvec(z_star), z_star)
-            return vec2list(z, shapes), info
+            if probe is not None and z.requires_grad:
+                z.register_hook(self._probe_hook(probe, "begin"))
+                z_star.register_hook(self._probe_hook(probe, "end"))
+            return vec2list(z, shapes, nhwc), info
 
         f_z = fvec(z_star)
         if compute_jac_loss:
             info["jac_loss"] = jac_loss_estimate(f_z, z_star)
         if f_z.requires_grad:
             self._register_adjoint_hook(f_z, z_star, info)
-        return vec2list(f_z, shapes), info
+        return vec2list(f_z, shapes, nhwc), info
+
+    @staticmethod
+    def _probe_hook(probe: Probe, what: str) -> Callable[[torch.Tensor], None]:
+        """A tensor hook that reports the start (``"begin"``) or end of the backward pass through f."""
+        state = {"done": False}
+
+        def hook(grad: torch.Tensor) -> None:
+            if not state["done"]:
+                state["done"] = True
+                getattr(probe, what)("f_backward")
+
+        return hook
 
     def _register_adjoint_hook(self, f_z: torch.Tensor, z_star: torch.Tensor, info: Dict[str, Any]) -> None:
         b_solver, b_thres = self.b_solver, self.b_thres
@@ -196,6 +314,17 @@ class DEQLayer(nn.Module):
         b_tol = self._tol(self.b_eps, f_z.shape[1], False)
         stop_mode = self.stop_mode
         layer = self
+        probe = self.probe
+        if probe is not None:
+            # The adjoint VJPs also reach z_star; only the gradient after the hook ends the backward pass.
+            started = {"flag": False}
+
+            def end_hook(grad: torch.Tensor) -> None:
+                if started["flag"]:
+                    started["flag"] = False
+                    probe.end("f_backward")
+
+            z_star.register_hook(end_hook)
 
         def hook(grad: torch.Tensor) -> torch.Tensor:
             # Fire once: remove first, so the VJPs below (which backpropagate through f_z) cannot re-enter.
@@ -205,12 +334,16 @@ class DEQLayer(nn.Module):
 
             def adjoint(g: torch.Tensor) -> torch.Tensor:
                 # g -> J^T g + grad, whose fixed point solves (J^T - I) g = -grad
-                vjp = torch.autograd.grad(f_z, z_star, g, retain_graph=True)[0]
-                return vjp + grad
+                with _probed(probe, "vjp"):
+                    vjp = torch.autograd.grad(f_z, z_star, g, retain_graph=True)[0]
+                    return vjp + grad
 
-            with torch.no_grad():
+            with torch.no_grad(), torch.autocast(grad.device.type, enabled=False), _probed(probe, "backward_solve"):
                 g, stats = b_solver(adjoint, grad.detach().clone(), b_thres, b_tol, stop_mode, **b_options)
             info["backward"] = summarize(stats)
+            if probe is not None:
+                started["flag"] = True
+                probe.begin("f_backward")
             return g
 
         self._hook = f_z.register_hook(hook)

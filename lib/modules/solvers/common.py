@@ -9,8 +9,10 @@ dimension ``D``. This module holds what they have in common:
   keeps its best finite iterate, decides when it stopped (converged or diverged) and freezes it, and
   assembles the ``stats`` dictionary returned by every solver.
 
-The monitor never synchronises with the device except in :meth:`SolveMonitor.should_stop`, which
-callers invoke once per iteration but which only looks at the device every ``check_every`` iterations.
+The monitor never synchronises with an accelerator except in :meth:`SolveMonitor.should_stop`, which
+callers invoke once per iteration but which only looks at the device every ``check_every`` iterations. (On
+the CPU, where a look at a value costs nothing, :meth:`SolveMonitor.update` checks whether every sample
+improved and then keeps a reference to the iterate instead of copying it.)
 """
 from __future__ import annotations
 
@@ -109,6 +111,7 @@ class SolveMonitor:
         res0 = abs0 if stop_mode == "abs" else rel0
         self._limit = DIVERGENCE_FACTOR[stop_mode] * res0
         self.best_z = x0.clone()
+        self._owns_best = True  # False while best_z is a reference to a caller's iterate (CPU only)
         self.best_res = torch.where(finite0, res0, torch.full_like(res0, math.inf))
         self.best_abs = abs0
         self.best_rel = rel0
@@ -134,7 +137,8 @@ class SolveMonitor:
 
         Args:
             step: 1-based iteration index.
-            z: The new iterate, shape (B, D).
+            z: The new iterate, shape (B, D). The monitor may keep a reference to it as the best iterate,
+                so callers must not modify it in place afterwards.
             fz: ``f(z)``, shape (B, D); counts as one call of ``f``.
             g: ``fz - z``, shape (B, D).
 
@@ -149,7 +153,7 @@ class SolveMonitor:
         self.nstep += was.long()
         ok = was & finite
         better = ok & (res < self.best_res)
-        self.best_z = torch.where(better[:, None], z, self.best_z)
+        self._record_best(z, better)
         self.best_res = torch.where(better, res, self.best_res)
         self.best_abs = torch.where(better, abs_res, self.best_abs)
         self.best_rel = torch.where(better, rel_res, self.best_rel)
@@ -161,6 +165,29 @@ class SolveMonitor:
         self.active = was & ~(conv | div)
         self.trace.append(torch.where(was, res, self.best_res))
         return self.active
+
+    def _record_best(self, z: Tensor, better: Tensor) -> None:
+        """Replaces the best iterate by z in the rows marked ``better`` ((B,) bool).
+
+        On an accelerator this is one masked copy (no synchronisation). On the CPU, where looking at the mask
+        costs nothing, the common cases are cheaper: when every row improved the monitor keeps a reference to
+        z (the caller must not modify it in place), and otherwise it copies only the improved rows into a
+        tensor of its own.
+        """
+        if z.device.type != "cpu":
+            self.best_z = torch.where(better[:, None], z, self.best_z)
+            return
+        if bool(better.all()):
+            self.best_z = z
+            self._owns_best = False
+            return
+        rows = better.nonzero().squeeze(1)
+        if rows.numel() == 0:
+            return
+        if not self._owns_best:
+            self.best_z = self.best_z.clone()
+            self._owns_best = True
+        self.best_z.index_copy_(0, rows, z.index_select(0, rows))
 
     def should_stop(self, step: int) -> bool:
         """Whether the loop may end after iteration ``step``.

@@ -1,0 +1,273 @@
+"""The fast paths compute what the default path computes: channels_last states, a compiled f_theta, bf16
+autocast around the layer; the equilibrium layer evaluates f no more often than it must; limited-memory
+Broyden's memory does not grow with the iteration cap; the CPU allocator setting respects the environment."""
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Sequence, Tuple
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mdeq.config import check_config, load_config
+from mdeq.models import get_cls_net
+from mdeq.modules import optimizations
+from mdeq.modules.deq import DEQLayer, is_channels_last, list2vec, vec2list
+from mdeq.modules.solvers import broyden, lbroyden
+
+TINY = ["MODEL.EXTRA.FULL_STAGE.NUM_BRANCHES", "2", "MODEL.EXTRA.FULL_STAGE.NUM_CHANNELS", "[4, 8]",
+        "MODEL.EXTRA.FULL_STAGE.NUM_BLOCKS", "[1, 1]", "MODEL.EXTRA.FULL_STAGE.HEAD_CHANNELS", "[2, 4]",
+        "MODEL.EXTRA.FULL_STAGE.FINAL_CHANSIZE", "8", "MODEL.NUM_GROUPS", "2", "MODEL.EXPANSION_FACTOR", "2",
+        "MODEL.NUM_CLASSES", "3", "MODEL.WNORM", "True", "MODEL.DOWNSAMPLE_TIMES", "0", "MODEL.NUM_LAYERS", "3",
+        "DATASET.DATASET", "cifar10", "TRAIN.PRETRAIN_STEPS", "1", "DEQ.F_THRES", "8", "DEQ.B_THRES", "8",
+        "MODEL.DROPOUT", "0.0"]
+
+
+def tiny_model(extra: Sequence[str] = (), dtype: torch.dtype = torch.float64, check: bool = True
+               ) -> torch.nn.Module:
+    cfg = load_config(None, TINY + list(extra))
+    if check:
+        check_config(cfg)
+    torch.manual_seed(0)
+    return get_cls_net(cfg).to(dtype).train()
+
+
+def batch(dtype: torch.dtype = torch.float64) -> Tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(3, 3, 8, 8, generator=g, dtype=dtype), torch.tensor([0, 1, 2])
+
+
+def step(model: torch.nn.Module, train_step: int, **kw) -> Tuple[torch.Tensor, List[torch.Tensor], Dict]:
+    """Logits and parameter gradients of one training step (no optimizer)."""
+    x, y = batch(next(model.parameters()).dtype)
+    model.zero_grad()
+    out, info = model(x, train_step=train_step, return_info=True, **kw)
+    loss = F.cross_entropy(out.float(), y)
+    if info.get("jac_loss") is not None:
+        loss = loss + info["jac_loss"]
+    loss.backward()
+    return out.detach(), [p.grad.clone() for p in model.parameters()], info
+
+
+def assert_close_lists(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], rtol: float, atol: float) -> None:
+    assert len(a) == len(b)
+    for u, v in zip(a, b):
+        torch.testing.assert_close(u, v, rtol=rtol, atol=atol)
+
+
+# ------------------------------------------------------------------------------------------- channels_last
+def test_nhwc_flattening_round_trips_and_keeps_channels_last() -> None:
+    z = [torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last),
+         torch.randn(2, 6, 2, 3).contiguous(memory_format=torch.channels_last)]
+    assert is_channels_last(z) and not is_channels_last([e.contiguous() for e in z])
+    v = list2vec(z, channels_last=True)
+    assert v.shape == (2, 3 * 4 * 5 + 6 * 2 * 3)
+    # (H, W, C) order: the first entries are the channels of pixel (0, 0)
+    assert torch.equal(v[0, :3], z[0][0, :, 0, 0])
+    back = vec2list(v, [e.shape for e in z], channels_last=True)
+    for a, b in zip(back, z):
+        assert torch.equal(a, b)
+        assert a.stride(1) == 1, "the unflattened views must keep channels_last strides"
+
+
+@pytest.mark.parametrize("train_step", [-1, 0])
+def test_channels_last_gives_the_same_logits_and_gradients(train_step: int) -> None:
+    ref = step(tiny_model(), train_step)
+    fast_model = tiny_model(["MODEL.CHANNELS_LAST", "True"])
+    fast = step(fast_model, train_step)
+    assert fast_model.fullstage.branches[0].blocks[0].conv1.weight_v.is_contiguous(
+        memory_format=torch.channels_last)
+    torch.testing.assert_close(fast[0], ref[0], rtol=1e-9, atol=1e-11)
+    assert_close_lists(fast[1], ref[1], rtol=1e-7, atol=1e-10)
+    if train_step < 0:
+        assert fast[2]["forward"]["nstep"] == ref[2]["forward"]["nstep"]
+
+
+def test_channels_last_states_reach_f_theta_without_layout_changes() -> None:
+    model = tiny_model(["MODEL.CHANNELS_LAST", "True"])
+    seen: List[bool] = []
+
+    def nhwc_strides(e: torch.Tensor) -> bool:  # (C, W, H) innermost to outermost, as in channels_last
+        _, c, _, w = e.shape
+        return e.stride(1) == 1 and e.stride(3) == c and e.stride(2) == c * w
+
+    model.fullstage.register_forward_pre_hook(lambda m, args: seen.append(all(map(nhwc_strides, args[0]))))
+    step(model, -1)
+    assert len(seen) > 3 and all(seen)
+
+
+# ------------------------------------------------------------------------------------------------- compile
+def test_compile_config_compiles_f_theta_only_and_keeps_the_state_dict(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: List[Tuple[torch.nn.Module, Dict]] = []
+
+    def fake_compile(module: torch.nn.Module, **kwargs):
+        calls.append((module, kwargs))
+        return module
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    plain = tiny_model()
+    compiled = tiny_model(["MODEL.COMPILE", "True"], check=False)  # (the config check may still reserve the key)
+    assert len(calls) == 1 and calls[0][0] is compiled.fullstage and calls[0][1]["backend"] == "inductor"
+    assert list(compiled.state_dict()) == list(plain.state_dict())
+
+
+def test_compiled_f_theta_gives_the_same_results() -> None:
+    torch._dynamo.reset()
+    ref = step(tiny_model(), -1)
+    model = tiny_model()
+    model.compile_f_theta(backend="eager")
+    assert model.f_theta is not model.fullstage
+    got = step(model, -1)
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-12, atol=1e-12)
+    assert_close_lists(got[1], ref[1], rtol=1e-10, atol=1e-12)
+    assert list(model.state_dict()) == list(tiny_model().state_dict())
+    torch._dynamo.reset()
+
+
+# ----------------------------------------------------------------------------------------------------- AMP
+def test_autocast_reaches_f_but_not_the_solver() -> None:
+    layer = DEQLayer(f_solver="broyden", b_solver="broyden", f_thres=6, b_thres=6).train()
+    weight = torch.nn.Parameter(torch.randn(6, 6) * 0.2)
+    seen: Dict[str, List] = {"autocast": [], "dtype": []}
+
+    def f(z: List[torch.Tensor]) -> List[torch.Tensor]:
+        seen["autocast"].append(torch.is_autocast_enabled("cpu"))
+        seen["dtype"].append(z[0].dtype)
+        return [torch.tanh(z[0].flatten(1) @ weight).view_as(z[0]) + 1.0]
+
+    solver_dtypes: List[torch.dtype] = []
+    inner = layer.f_solver
+
+    def recording(fn, x0, *args, **kwargs):
+        solver_dtypes.append(x0.dtype)
+        assert not torch.is_autocast_enabled("cpu")
+        return inner(fn, x0, *args, **kwargs)
+
+    layer.f_solver = recording
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z, info = layer(f, [torch.zeros(2, 6, 1, 1)])
+    assert solver_dtypes == [torch.float32]
+    assert all(seen["autocast"]) and set(seen["dtype"]) == {torch.float32}
+    assert z[0].dtype == torch.float32
+    z[0].sum().backward()
+    assert weight.grad is not None and torch.isfinite(weight.grad).all()
+    assert info["backward"]["nstep"] > 0
+
+
+def test_bf16_autocast_training_step_matches_float32_loosely() -> None:
+    ref = step(tiny_model(dtype=torch.float32), -1)
+    model = tiny_model(dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = step(model, -1)
+    assert got[0].dtype == torch.float32 or got[0].dtype == torch.bfloat16
+    torch.testing.assert_close(got[0].float(), ref[0], rtol=0.1, atol=0.05)
+    assert all(torch.isfinite(a).all() for a in got[1])
+    # bf16 keeps about three significant digits, and this random tiny model has train-mode BatchNorms over a
+    # batch of 3, so only the classifier's gradient (which the features decide) is compared, by direction
+    cos = F.cosine_similarity(got[1][-2].flatten().double(), ref[1][-2].flatten().double(), dim=0)
+    assert cos > 0.95
+    assert int(got[2]["backward"]["nfev"]) == int(ref[2]["backward"]["nfev"])
+
+
+# ------------------------------------------------------------------------------------ calls of f per step
+class CountingProbe:
+    """Counts the equilibrium layer's calls of f and VJPs."""
+
+    def __init__(self) -> None:
+        self.calls = {"f": 0, "vjp": 0, "f_backward": 0, "forward_solve": 0, "backward_solve": 0}
+
+    def begin(self, kind: str) -> None:
+        pass
+
+    def end(self, kind: str) -> None:
+        self.calls[kind] += 1
+
+
+def count_f_theta(model: torch.nn.Module) -> List[int]:
+    calls = [0]
+    model.fullstage.register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+@pytest.mark.parametrize("extra", [[], ["DEQ.STOP_MODE", "rel", "DEQ.F_EPS", "1e-2", "DEQ.B_EPS", "1e-2"],
+                                   ["DEQ.F_SOLVER", "anderson", "DEQ.B_SOLVER", "lbroyden"]])
+def test_training_step_calls_f_forward_nfev_plus_one_times_and_vjp_backward_nfev_times(extra) -> None:
+    model = tiny_model(extra)
+    calls = count_f_theta(model)
+    probe = CountingProbe()
+    model.deq.probe = probe
+    _, _, info = step(model, -1)
+    fwd, bwd = int(info["forward"]["nfev"]), int(info["backward"]["nfev"])
+    assert calls[0] == fwd + 1
+    assert probe.calls["f"] == fwd + 1
+    assert probe.calls["vjp"] == bwd
+    assert probe.calls["f_backward"] == 1 and probe.calls["forward_solve"] == probe.calls["backward_solve"] == 1
+    assert 1 <= int(info["backward"]["nstep"]) + 1 == bwd
+
+
+def test_evaluation_calls_f_exactly_nfev_times_and_phantom_reuses_f_of_z_star_for_the_jacobian_loss() -> None:
+    model = tiny_model().eval()
+    calls = count_f_theta(model)
+    with torch.no_grad():
+        _, info = model(batch()[0], return_info=True)
+    assert calls[0] == int(info["forward"]["nfev"])
+
+    model = tiny_model(["DEQ.BACKWARD", "phantom", "DEQ.PHANTOM_STEPS", "3"])
+    calls = count_f_theta(model)
+    _, _, info = step(model, -1, compute_jac_loss=True)
+    assert info["jac_loss"] is not None
+    assert calls[0] == int(info["forward"]["nfev"]) + 3
+
+
+def test_unrolled_step_calls_f_num_layers_times() -> None:
+    model = tiny_model()
+    calls = count_f_theta(model)
+    step(model, 0)
+    assert calls[0] == 3
+
+
+# --------------------------------------------------------------------------------- L-Broyden memory bound
+def peak_allocated_bytes(fn: Callable[[], object]) -> int:
+    """Peak bytes of CPU tensor memory allocated (and not yet freed) while fn runs, from the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    # An operator's allocations are its self memory; frees (and allocations outside operators) are the
+    # "[memory]" events. Their running sum in time order is the live tensor memory.
+    changes = sorted((e.time_range.start, e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage)
+                     for e in prof.events())
+    live = peak = 0
+    for _, change in changes:
+        live += change
+        peak = max(peak, live)
+    return peak
+
+
+def test_lbroyden_memory_does_not_grow_with_the_iteration_cap() -> None:
+    torch.manual_seed(0)
+    bsz, dim = 4, 20000
+    w = torch.randn(dim) * 0.5
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(w * z + torch.roll(z, 1, dims=1) * 0.3) + 0.1
+
+    x0 = torch.zeros(bsz, dim)
+    peaks = {}
+    for cap in (10, 40):
+        for name, solve in (("lbroyden", lambda c: lbroyden(f, x0, c, 0.0, memory=8)),
+                            ("broyden", lambda c: broyden(f, x0, c, 0.0))):
+            peaks[name, cap] = peak_allocated_bytes(lambda: solve(cap))
+    row = bsz * dim * 4
+    assert peaks["lbroyden", 40] <= 1.1 * peaks["lbroyden", 10], peaks
+    # the measurement can tell: full Broyden keeps every residual, so its memory grows with the cap
+    assert peaks["broyden", 40] > peaks["broyden", 10] + 20 * row, peaks
+
+
+# ------------------------------------------------------------------------------------------- CPU allocator
+def test_cpu_allocator_setting_respects_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert optimizations.tune_cpu_allocator() is False
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    monkeypatch.setenv("MDEQ_CPU_ALLOCATOR", "default")
+    assert optimizations.tune_cpu_allocator() is False
