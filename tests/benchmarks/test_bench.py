@@ -50,7 +50,7 @@ def test_every_field_is_there(result: Dict[str, Any]) -> None:
     assert ev["images"] == 4 and ev["images_per_s"] > 0 and ev["seconds"] > 0
     for part in ("unrolled", "equilibrium", "eval"):
         mem = result["memory"][part]
-        assert mem["method"] in ("rss_hwm", "rss_sampler") and mem["peak_increase_mb"] >= 0
+        assert mem["method"] in ("rss_hwm", "rss_sampler") and mem["peak_increase_mb"] > -1.0  # RSS noise of a few pages
 
 
 def test_counts_of_f_and_vjps_match_the_solver_statistics(result: Dict[str, Any]) -> None:
