@@ -35,7 +35,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .common import FixedPointMap, SolveMonitor, validate_arguments
+from .common import FixedPointMap, SolveMonitor, host_checks_are_free, validate_arguments
 
 #: What limited-memory Broyden does once ``memory`` updates are stored (see :func:`broyden`).
 OVERFLOW_POLICIES: Tuple[str, ...] = ("window", "restart", "circular")
@@ -177,7 +177,7 @@ def _select_rows(mask: Tensor, new: Tensor, old: Tensor) -> Tensor:
     Returns:
         Shape (B, D); ``new`` itself when every row is selected on the CPU.
     """
-    if new.device.type == "cpu" and bool(mask.all()):
+    if host_checks_are_free(new) and bool(mask.all()):
         return new
     return torch.where(mask.unsqueeze(-1), new, old)
 
@@ -200,7 +200,7 @@ class _ResidualStore:
 
     def __init__(self, like: Tensor, capacity: int) -> None:
         bsz, dim = like.shape
-        if like.device.type == "cpu":
+        if host_checks_are_free(like):
             per_chunk = max(1, self.CHUNK_BYTES // (capacity * dim * like.element_size()))
         else:
             per_chunk = bsz
