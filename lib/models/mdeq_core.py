@@ -272,6 +272,16 @@ class MDEQNet(nn.Module):
             **options: Further keyword arguments of ``torch.compile`` (e.g. ``mode``, ``dynamic``).
         """
         logger.info("compiling f_theta with torch.compile(backend=%r, %s)", backend, options)
+        # The adjoint solve takes many VJPs through one graph of f (autograd.grad with retain_graph=True).
+        # AOTAutograd's donated buffers (on by default) make such a VJP fail once the same compiled graph has
+        # had a plain backward, as in an unrolled pretraining step ("compiled with non-empty donated
+        # buffers"); keep the buffers.
+        try:
+            import torch._functorch.config as functorch_config
+        except ImportError:  # (a torch without AOTAutograd has no donated buffers either)
+            functorch_config = None
+        if functorch_config is not None and hasattr(functorch_config, "donated_buffer"):
+            functorch_config.donated_buffer = False
         self.__dict__["_f_theta_compiled"] = torch.compile(self.fullstage, backend=backend, **options)
 
     @property
