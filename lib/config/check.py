@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any, List
 
+import torch
 from yacs.config import CfgNode as CN
 
 from .default import get_default_config
@@ -133,9 +134,9 @@ def check_config(cfg: CN) -> CN:
     _choice(errors, "TRAIN.LR_SCHEDULER", cfg.TRAIN.LR_SCHEDULER, _names("scheduler"))
     _choice(errors, "DEVICE", cfg.DEVICE, ["auto", "cpu", "cuda"])
 
-    if cfg.MODEL.COMPILE:
-        errors.append("MODEL.COMPILE: compiling f_theta with torch.compile is not available in this version; "
-                      "set MODEL.COMPILE False")
+    if cfg.MODEL.COMPILE and not hasattr(torch, "compile"):
+        errors.append(f"MODEL.COMPILE needs torch.compile (PyTorch 2.0 or newer; this is {torch.__version__}); "
+                      "set MODEL.COMPILE False or upgrade PyTorch")
     if cfg.TRAIN.LR <= 0:
         errors.append(f"TRAIN.LR must be positive, got {cfg.TRAIN.LR}")
     for section in ("TRAIN", "TEST"):

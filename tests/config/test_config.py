@@ -5,6 +5,7 @@ import json
 import os
 
 import pytest
+import torch
 import yaml
 
 from mdeq.config import ConfigError, check_config, get_default_config, load_config, update_config
@@ -113,11 +114,18 @@ def test_wrong_type_names_key_and_types(tmp_path):
     (["MODEL.F_THRES", "0"], r"F_THRES must be a positive number of iterations, got 0"),
     (["DEQ.B_THRES", "-3"], r"B_THRES must be a positive number of iterations, got -3"),
     (["DEQ.F_EPS", "0.0"], r"DEQ.F_EPS must be positive"),
-    (["MODEL.COMPILE", "True"], r"MODEL.COMPILE: .*not available in this version; set MODEL.COMPILE False"),
 ])
 def test_check_config_names_the_key(opts, message):
     cfg = load_config(None, opts)
     with pytest.raises(ConfigError, match=message):
+        check_config(cfg)
+
+
+def test_compile_is_accepted_where_torch_has_it(monkeypatch):
+    cfg = load_config(None, ["MODEL.COMPILE", "True"])
+    assert check_config(cfg).MODEL.COMPILE is True
+    monkeypatch.delattr(torch, "compile")
+    with pytest.raises(ConfigError, match=r"MODEL.COMPILE needs torch.compile \(PyTorch 2.0 or newer"):
         check_config(cfg)
 
 

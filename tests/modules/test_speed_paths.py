@@ -106,7 +106,7 @@ def test_compile_config_compiles_f_theta_only_and_keeps_the_state_dict(monkeypat
 
     monkeypatch.setattr(torch, "compile", fake_compile)
     plain = tiny_model()
-    compiled = tiny_model(["MODEL.COMPILE", "True"], check=False)  # (the config check may still reserve the key)
+    compiled = tiny_model(["MODEL.COMPILE", "True"])
     assert len(calls) == 1 and calls[0][0] is compiled.fullstage and calls[0][1]["backend"] == "inductor"
     assert list(compiled.state_dict()) == list(plain.state_dict())
 
