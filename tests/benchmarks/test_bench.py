@@ -44,7 +44,8 @@ def test_every_field_is_there(result: Dict[str, Any]) -> None:
     for key in ("median_s", "f_s", "vjp_s", "f_backward_s", "forward_solve_s", "backward_solve_s",
                 "solver_overhead_s", "solver_overhead_share", "outside_f_and_vjp_share"):
         assert key in eq, key
-    assert 0 < eq["f_s"] + eq["vjp_s"] < eq["median_s"]
+    assert len(eq["times_s"]) == len(eq["probed_times_s"]) == 2 and eq["median_s"] > 0
+    assert 0 < eq["f_s"] + eq["vjp_s"] < eq["probed_median_s"]
     assert eq["solver_overhead_share"] < eq["outside_f_and_vjp_share"] < 1
     ev = result["eval"]
     assert ev["images"] == 4 and ev["images_per_s"] > 0 and ev["seconds"] > 0
@@ -75,3 +76,10 @@ def test_parts_and_overrides_are_honoured() -> None:
     assert "train_unrolled" not in out and "eval" not in out and "memory" not in out
     assert out["solvers"]["forward"] == "anderson"
     assert out["train_equilibrium"]["f_calls"] == out["train_equilibrium"]["forward"]["nfev"] + 1
+
+
+def test_flops_are_counted_for_a_compiled_f_theta_too(result: Dict[str, Any]) -> None:
+    out = run_bench(["--threads", "1", "--steps", "1", "--warmup", "1", "--batch-size", "2", "--parts", "fcost",
+                     "--compile", "eager"] + TINY)
+    assert out["compile"] == "eager"
+    assert out["f_theta"]["f_gflop"] == result["f_theta"]["f_gflop"] > 0
