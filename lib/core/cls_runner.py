@@ -187,8 +187,8 @@ def run_train(args: argparse.Namespace) -> Dict[str, float]:
                             ckpt_file)
             if is_best:
                 save_checkpoint(unwrap(model).state_dict(), best_file)
-            logger.info("=> saved checkpoint (epoch %d, Accuracy@1 %.3f, best %.3f) to %s", epoch + 1, perf,
-                        best_perf, ctx.output_dir)
+            logger.info("=> saved checkpoint (epoch %d, Accuracy@1 %.3f, best %.3f, %.1f s of training) to %s",
+                        epoch + 1, perf, best_perf, time.time() - train_start, ctx.output_dir)
         du.barrier()
 
     train_time = time.time() - train_start
