@@ -292,8 +292,11 @@ def save_checkpoint(obj: Any, path: str) -> None:
     those).
     """
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=".tmp", dir=folder)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise _write_error(path, exc) from exc
     try:
         with os.fdopen(fd, "wb") as fh:
             torch.save(obj, fh)
@@ -306,10 +309,22 @@ def save_checkpoint(obj: Any, path: str) -> None:
                 os.fsync(dfd)
             finally:
                 os.close(dfd)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        if isinstance(exc, OSError):
+            raise _write_error(path, exc) from exc
         raise
+
+
+def _write_error(path: str, exc: OSError) -> CheckpointError:
+    """The error of a checkpoint that could not be written (disk full, no permission, ...)."""
+    reason = exc.strerror or str(exc)
+    kept = "the previous file there is unchanged" if os.path.isfile(path) else "nothing was written there"
+    return CheckpointError(
+        f"could not write the checkpoint {path}: {reason}; {kept}. Free disk space or choose another output "
+        f"folder (OUTPUT_DIR or --modelDir), then run the same command again with TRAIN.RESUME True (or "
+        f"AUTO_RESUME True) to continue from the last checkpoint written.")
 
 
 def keep_previous(path: str) -> None:

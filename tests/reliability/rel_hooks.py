@@ -9,6 +9,8 @@ REL_MARKER          a file to create when a pause or a hang begins (the test wai
 REL_PAUSE_AT_STEP   at the N-th training step of this process (counted from 1, at the bad-step check, after the
                     backward pass and before the optimizer step), create REL_MARKER and sleep
 REL_HANG_IN_SAVE    in the N-th torch.save of this process, write half of the bytes, create REL_MARKER and sleep
+REL_DISK_FULL_IN_SAVE  in the N-th torch.save of this process, write half of the bytes, then fail as a full disk
+                    does (OSError ENOSPC)
 REL_KILL_AT_STEP    at the N-th training step, SIGKILL this process if it is rank REL_KILL_RANK (default 1) and
                     the first attempt of an elastic job (TORCHELASTIC_RESTART_COUNT 0 or unset)
 REL_NAN_STEPS       comma-separated training steps (counted from 1) whose cross-entropy loss is NaN
@@ -109,6 +111,31 @@ def install_save_hang():
     torch.save = save
 
 
+def install_disk_full():
+    full_at = _int_env("REL_DISK_FULL_IN_SAVE")
+    if not full_at:
+        return
+    import errno
+
+    import torch
+
+    original = torch.save
+    count = [0]
+
+    def save(obj, f, *args, **kwargs):
+        count[0] += 1
+        if count[0] != full_at or isinstance(f, (str, bytes, os.PathLike)):
+            return original(obj, f, *args, **kwargs)
+        buffer = io.BytesIO()
+        original(obj, buffer, *args, **kwargs)
+        data = buffer.getvalue()
+        f.write(data[: len(data) // 2])
+        f.flush()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    torch.save = save
+
+
 def install_nan_loss():
     steps = {int(s) for s in os.environ.get("REL_NAN_STEPS", "").split(",") if s.strip()}
     if not steps:
@@ -194,6 +221,7 @@ def main(argv):
     install_audit()
     install_step_hooks()
     install_save_hang()
+    install_disk_full()
     install_nan_loss()
     path = os.path.join(REPO, TOOL_FILES[argv[0]])
     spec = importlib.util.spec_from_file_location(f"_rel_tool_{argv[0]}", path)

@@ -153,6 +153,38 @@ def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(kit, rel, data, 
     assert_same_training(reference, folder)
 
 
+def test_disk_full_while_writing_a_checkpoint_is_a_clear_error_and_the_run_resumes(kit, rel, data, reference):
+    """The disk fills up halfway through writing the epoch-end checkpoint: the tool ends with exit 2 and one
+    `error:` line that names the file, the cause and how to continue; the previous (mid-epoch) checkpoint is
+    intact, no partial file is left, and TRAIN.RESUME continues to the same result as an uninterrupted run."""
+    out, log = str(data["base"] / "full_out"), str(data["base"] / "full_log")
+    log_file = str(data["base"] / "full.txt")
+    proc, fh = rel.start(rel.hooked("cls_train", opts(data, out, log, "TRAIN.CHECKPOINT_EVERY_STEPS", "2")),
+                         rel.env(REL_DISK_FULL_IN_SAVE=2), log_file)
+    try:
+        code = proc.wait(timeout=240)
+    finally:
+        rel.kill_group(proc)
+        fh.close()
+    output = rel.read(log_file)
+    folder = os.path.join(out, SUB)
+    assert code == 2, output[-3000:]
+    assert "Traceback" not in output
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, output[-3000:]
+    assert os.path.join(folder, "checkpoint.pth.tar") in errors[0]
+    assert "No space left on device" in errors[0] and "the previous file there is unchanged" in errors[0]
+    assert "TRAIN.RESUME True" in errors[0]
+    ckpt = safe_load(os.path.join(folder, "checkpoint.pth.tar"))
+    assert (ckpt["epoch"], ckpt["step"], ckpt["batch"]) == (0, 2, 2)
+    assert rel.partial_files(folder) == []
+
+    resumed = run(opts(data, out, log, "TRAIN.CHECKPOINT_EVERY_STEPS", "2", "TRAIN.RESUME", "True"),
+                  str(data["base"] / "full_resumed.txt"))
+    assert "epoch 0, step 2, batch 2" in resumed
+    assert_same_training(reference, folder)
+
+
 def test_auto_resume_takes_the_newest_valid_checkpoint_and_skips_a_corrupted_one(kit, rel, data, tmp_path,
                                                                                  capsys):
     """Epoch-end checkpoints only: checkpoint.pth.tar (epoch 2) and the one it replaced (checkpoint_prev, epoch
