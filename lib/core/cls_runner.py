@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from mdeq.core.cls_function import train_one_epoch, validate
-from mdeq.core.engine import (BadStepGuard, RunContext, ShardSampler, TrainingDiverged, make_loader, rng_state,
-                              save_last_good, set_rng_state, setup_run, subset_percent, tensorboard_writer, unwrap,
-                              wrap_model)
+from mdeq.core.engine import (BadStepGuard, RunContext, ShardSampler, TrainingDiverged, all_rng_states, make_loader,
+                              restore_rng_state, rng_state, save_last_good, setup_run, subset_percent,
+                              tensorboard_writer, unwrap, wrap_model)
 from mdeq.core.optim import build_optimizer, build_scheduler
 from mdeq.datasets import dataset_info, get_cls_dataset
 from mdeq.models import get_cls_net
@@ -43,13 +43,21 @@ def build_model(ctx: RunContext) -> nn.Module:
 
 
 def training_checkpoint(ctx: RunContext, model: nn.Module, optimizer, scheduler, epoch: int, state: Dict[str, Any],
-                        perf: float, best_perf: float, batch: int = 0) -> Dict[str, Any]:
-    """Everything needed to continue exactly: weights, optimizer, scheduler, counters and random generators."""
-    return {"epoch": epoch, "step": state["step"], "batch": batch, "world_size": ctx.world_size,
+                        perf: float, best_perf: float, batch: int = 0,
+                        rngs: Optional[List[Dict[str, Any]]] = None) -> Dict[str, Any]:
+    """Everything needed to continue exactly: weights, optimizer, scheduler, counters and random generators.
+
+    ``rngs``: every rank's generator states (:func:`all_rng_states`, gathered by all ranks before rank 0 calls
+    this); without it only this process's state is saved, which every rank then resumes from.
+    """
+    ckpt = {"epoch": epoch, "step": state["step"], "batch": batch, "world_size": ctx.world_size,
             "model": ctx.cfg.MODEL.NAME,
             "state_dict": unwrap(model).state_dict(), "perf": float(perf), "best_perf": float(best_perf),
-            "optimizer": optimizer.state_dict(), "lr_scheduler": scheduler.state_dict(), "rng": rng_state(),
-            "config": ctx.cfg.dump()}
+            "optimizer": optimizer.state_dict(), "lr_scheduler": scheduler.state_dict(),
+            "rng": rngs[0] if rngs else rng_state(), "config": ctx.cfg.dump()}
+    if rngs:
+        ckpt["rng_per_rank"] = list(rngs)
+    return ckpt
 
 
 # every file the training tools write into the output folder (classification and segmentation)
@@ -144,8 +152,7 @@ def run_train(args: argparse.Namespace) -> Dict[str, float]:
             raise resume_error(path, exc) from None
         begin_epoch, best_perf = int(ckpt["epoch"]), float(ckpt.get("best_perf", ckpt.get("perf", 0.0)))
         state = {"step": int(ckpt.get("step", begin_epoch * steps_per_epoch)), "start_batch": int(ckpt.get("batch", 0))}
-        if "rng" in ckpt:
-            set_rng_state(ckpt["rng"])
+        restore_rng_state(ckpt)
         warn_if_resharded(ctx, ckpt, path)
         logger.info("=> resumed from %s: epoch %d, step %d, batch %d, best Accuracy@1 %.3f", path, begin_epoch,
                     state["step"], state["start_batch"], best_perf)
@@ -164,10 +171,11 @@ def run_train(args: argparse.Namespace) -> Dict[str, float]:
 
         def on_step(batch: int, epoch: int = epoch) -> None:
             if every > 0 and state["step"] % every == 0 and batch + 1 < steps_per_epoch:
+                rngs = all_rng_states()  # (every rank)
                 if ctx.is_main:
                     keep_previous(ckpt_file)
                     save_checkpoint(training_checkpoint(ctx, model, optimizer, scheduler, epoch, state,
-                                                        best_perf, best_perf, batch + 1), ckpt_file)
+                                                        best_perf, best_perf, batch + 1, rngs), ckpt_file)
 
         try:
             train_one_epoch(ctx, train_loader, model, criterion, optimizer, scheduler, epoch, state, guard,
@@ -181,10 +189,11 @@ def run_train(args: argparse.Namespace) -> Dict[str, float]:
         best_file = os.path.join(ctx.output_dir, "model_best.pth.tar")
         is_best = perf > best_perf or not os.path.isfile(best_file)  # the first epoch is the best so far, even at 0 %
         best_perf = max(best_perf, perf)
+        rngs = all_rng_states()  # (every rank)
         if ctx.is_main:
             keep_previous(ckpt_file)
-            save_checkpoint(training_checkpoint(ctx, model, optimizer, scheduler, epoch + 1, state, perf, best_perf),
-                            ckpt_file)
+            save_checkpoint(training_checkpoint(ctx, model, optimizer, scheduler, epoch + 1, state, perf, best_perf,
+                                                rngs=rngs), ckpt_file)
             if is_best:
                 save_checkpoint(unwrap(model).state_dict(), best_file)
             logger.info("=> saved checkpoint (epoch %d, Accuracy@1 %.3f, best %.3f, %.1f s of training) to %s",

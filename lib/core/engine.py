@@ -229,6 +229,30 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def all_rng_states() -> List[Dict[str, Any]]:
+    """Every rank's :func:`rng_state`, in rank order (a collective: every rank must call it at the same point)."""
+    own = rng_state()
+    if not du.is_distributed():
+        return [own]
+    gathered: List[Any] = [None] * du.get_world_size()
+    torch.distributed.all_gather_object(gathered, own)
+    return gathered
+
+
+def restore_rng_state(ckpt: Dict[str, Any]) -> None:
+    """Restores this rank's random generators from a training checkpoint: its own state when the checkpoint
+    holds one per rank for the same number of processes, else the state saved by rank 0."""
+    per_rank, world, rank = ckpt.get("rng_per_rank"), du.get_world_size(), du.get_rank()
+    if per_rank and len(per_rank) == world:
+        set_rng_state(per_rank[rank])
+    elif "rng" in ckpt:
+        if world > 1:
+            logger.warning("the checkpoint holds no random-generator state per process for %d processes; every "
+                           "process continues from rank 0's (random augmentation and dropout will differ from "
+                           "an uninterrupted run)", world)
+        set_rng_state(ckpt["rng"])
+
+
 class TrainingDiverged(RuntimeError):
     """Raised after too many consecutive bad steps; the last good state has been checkpointed."""
 

@@ -16,7 +16,7 @@ import argparse
 import logging
 import os
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -24,8 +24,9 @@ from yacs.config import CfgNode as CN
 
 from mdeq.core.cls_runner import (prepare_output, resume_error, resume_path, training_checkpoint,
                                   warn_if_resharded)
-from mdeq.core.engine import (BadStepGuard, ShardSampler, TrainingDiverged, make_loader, save_last_good,
-                              set_rng_state, setup_run, subset_percent, tensorboard_writer, unwrap, wrap_model)
+from mdeq.core.engine import (BadStepGuard, ShardSampler, TrainingDiverged, all_rng_states, make_loader,
+                              restore_rng_state, save_last_good, setup_run, subset_percent, tensorboard_writer,
+                              unwrap, wrap_model)
 from mdeq.core.optim import build_optimizer, build_scheduler
 from mdeq.core.seg_criterion import build_criterion
 from mdeq.core.seg_function import train_one_epoch, validate
@@ -153,8 +154,7 @@ def run_train(args: argparse.Namespace) -> Dict[str, Any]:
         best_miou = float(ckpt.get("best_mIoU", ckpt.get("best_perf", 0.0)))
         state = {"step": int(ckpt.get("step", begin_epoch * len(loaders["main"]))),
                  "start_batch": int(ckpt.get("batch", 0))}
-        if "rng" in ckpt:
-            set_rng_state(ckpt["rng"])
+        restore_rng_state(ckpt)
         warn_if_resharded(ctx, ckpt, path)
         logger.info("=> resumed from %s: epoch %d (%s phase), step %d, batch %d, best mIoU %.4f", path,
                     begin_epoch, phase, state["step"], state["start_batch"], best_miou)
@@ -165,8 +165,9 @@ def run_train(args: argparse.Namespace) -> Dict[str, Any]:
     result: Dict[str, Any] = {}
     train_start = time.time()
 
-    def checkpoint(epoch: int, miou: float, batch: int = 0) -> Dict[str, Any]:
-        ckpt = training_checkpoint(ctx, model, optimizer, scheduler, epoch, state, miou, best_miou, batch)
+    def checkpoint(epoch: int, miou: float, batch: int = 0,
+                   rngs: Optional[List[Dict[str, Any]]] = None) -> Dict[str, Any]:
+        ckpt = training_checkpoint(ctx, model, optimizer, scheduler, epoch, state, miou, best_miou, batch, rngs)
         ckpt.update(best_mIoU=float(best_miou), phase=phase)
         return ckpt
 
@@ -184,9 +185,11 @@ def run_train(args: argparse.Namespace) -> Dict[str, Any]:
         steps_this_epoch = len(loader) + state["start_batch"]
 
         def on_step(batch: int, epoch: int = epoch, total: int = steps_this_epoch) -> None:
-            if every > 0 and state["step"] % every == 0 and batch + 1 < total and ctx.is_main:
-                keep_previous(ckpt_file)
-                save_checkpoint(checkpoint(epoch, best_miou, batch + 1), ckpt_file)
+            if every > 0 and state["step"] % every == 0 and batch + 1 < total:
+                rngs = all_rng_states()  # (every rank)
+                if ctx.is_main:
+                    keep_previous(ckpt_file)
+                    save_checkpoint(checkpoint(epoch, best_miou, batch + 1, rngs), ckpt_file)
 
         try:
             train_one_epoch(ctx, loader, model, criterion, optimizer, scheduler, epoch, state, guard, writer,
@@ -199,9 +202,10 @@ def run_train(args: argparse.Namespace) -> Dict[str, Any]:
         miou = result["mIoU"]
         is_best = miou > best_miou or not os.path.isfile(os.path.join(ctx.output_dir, "best.pth"))
         best_miou = max(best_miou, miou)
+        rngs = all_rng_states()  # (every rank)
         if ctx.is_main:
             keep_previous(ckpt_file)
-            save_checkpoint(checkpoint(epoch + 1, miou), ckpt_file)
+            save_checkpoint(checkpoint(epoch + 1, miou, rngs=rngs), ckpt_file)
             if is_best:
                 save_checkpoint(unwrap(model).state_dict(), os.path.join(ctx.output_dir, "best.pth"))
             logger.info("=> saved checkpoint (epoch %d, mIoU %.4f, best %.4f) to %s", epoch + 1, miou, best_miou,

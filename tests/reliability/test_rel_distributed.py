@@ -2,7 +2,8 @@
 
 - A worker killed with SIGKILL in the middle of an epoch (rank 1 kills itself at a chosen step, on the first
   attempt only) makes the elastic agent restart the job (--max-restarts=1); with AUTO_RESUME the new attempt
-  continues from the last checkpoint to the end, with exactly the weights of an uninterrupted two-process run.
+  continues from the last checkpoint to the end, with exactly the weights of an uninterrupted two-process run,
+  random augmentation and dropout included (each rank resumes its own random generators).
 - Ranks never write the same file: every file a process opens for writing, renames into place or writes as a PNG
   is recorded (rel_hooks.py); checkpoints, logs, the saved config and TensorBoard files come from rank 0 only, and
   the prediction PNGs of seg_test are per shard, disjoint, and together cover the split once.
@@ -65,7 +66,10 @@ def test_killed_worker_restarts_and_resumes_to_the_same_weights(kit, rel, tmp_pa
             "DATASET.ROOT", root, "OUTPUT_DIR", str(tmp_path / f"{name}_out"), "LOG_DIR", str(tmp_path / f"{name}_log"),
             "TRAIN.BATCH_SIZE_PER_GPU", "4", "TEST.BATCH_SIZE_PER_GPU", "5", "TRAIN.END_EPOCH", "2",
             "TRAIN.PRETRAIN_STEPS", "3", "TRAIN.CHECKPOINT_EVERY_STEPS", "2", "AUTO_RESUME", "True",
-            "SEED", "0", "DETERMINISTIC", "True", "TENSORBOARD", "True"]
+            "SEED", "0", "DETERMINISTIC", "True", "TENSORBOARD", "True",
+            # random numbers drawn by every rank from its own generators (seeded SEED + rank): the resumed
+            # attempt must restore each rank's own state to end with the same weights
+            "DATASET.AUGMENT", "True", "MODEL.DROPOUT", "0.25"]
 
     # 40 images / 2 ranks / batch 4: 5 steps an epoch. Rank 1 dies in step 4 (after the checkpoint of step 2).
     code, output, audit = torchrun(kit, rel, tmp_path, "cls_train", argv("elastic"), "elastic", restarts=1,
@@ -74,6 +78,10 @@ def test_killed_worker_restarts_and_resumes_to_the_same_weights(kit, rel, tmp_pa
     out_dir, log_dir = str(tmp_path / "elastic_out" / SUB), str(tmp_path / "elastic_log" / SUB)
     logs = "".join(rel.read(f) for f in kit.log_files(log_dir, "train"))
     assert "resumed from" in logs and "epoch 0, step 2, batch 2" in logs, output[-5000:]
+    assert "continues from rank 0's" not in output
+    ckpt = torch.load(os.path.join(out_dir, "checkpoint.pth.tar"), weights_only=True)
+    assert len(ckpt["rng_per_rank"]) == 2
+    assert not torch.equal(ckpt["rng_per_rank"][0]["torch"], ckpt["rng_per_rank"][1]["torch"])
     assert os.path.isfile(os.path.join(out_dir, "final_state.pth.tar"))
     by_path, by_process = writes(audit)
     assert {attempt for _, attempt in by_process} == {0, 1}, "the job was restarted once"
