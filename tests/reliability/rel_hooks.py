@@ -85,9 +85,11 @@ def install_step_hooks():
     engine.BadStepGuard.check = check
 
 
-def install_save_hang():
-    hang_at = _int_env("REL_HANG_IN_SAVE")
-    if not hang_at:
+def _half_write_in_save(env_name, after_half):
+    """Wraps torch.save: its N-th call (N from ``env_name``) that writes to an open file writes half of the bytes,
+    then calls ``after_half(f)``."""
+    nth = _int_env(env_name)
+    if not nth:
         return
     import torch
 
@@ -96,44 +98,34 @@ def install_save_hang():
 
     def save(obj, f, *args, **kwargs):
         count[0] += 1
-        if count[0] != hang_at or isinstance(f, (str, bytes, os.PathLike)):
+        if count[0] != nth or isinstance(f, (str, bytes, os.PathLike)):
             return original(obj, f, *args, **kwargs)
         buffer = io.BytesIO()
         original(obj, buffer, *args, **kwargs)
         data = buffer.getvalue()
         f.write(data[: len(data) // 2])  # half a checkpoint on disk, as a crash in the middle leaves it
         f.flush()
+        return after_half(f)
+
+    torch.save = save
+
+
+def install_save_hang():
+    def hang(f):
         os.fsync(f.fileno())
         _touch_marker()
         time.sleep(SLEEP_S)
-        return None
 
-    torch.save = save
+    _half_write_in_save("REL_HANG_IN_SAVE", hang)
 
 
 def install_disk_full():
-    full_at = _int_env("REL_DISK_FULL_IN_SAVE")
-    if not full_at:
-        return
     import errno
 
-    import torch
-
-    original = torch.save
-    count = [0]
-
-    def save(obj, f, *args, **kwargs):
-        count[0] += 1
-        if count[0] != full_at or isinstance(f, (str, bytes, os.PathLike)):
-            return original(obj, f, *args, **kwargs)
-        buffer = io.BytesIO()
-        original(obj, buffer, *args, **kwargs)
-        data = buffer.getvalue()
-        f.write(data[: len(data) // 2])
-        f.flush()
+    def disk_full(f):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    torch.save = save
+    _half_write_in_save("REL_DISK_FULL_IN_SAVE", disk_full)
 
 
 def install_nan_loss():
