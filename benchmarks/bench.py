@@ -516,18 +516,14 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         "compile": args.compile or ("inductor" if setup.cfg.MODEL.COMPILE else ""),
         "machine": machine(), "loadavg_start": loadavg(),
     }
-    if "fcost" in parts:
-        logger.info("timing one call of f_theta and one VJP")
-        result["f_theta"] = measure_fcost(setup)
-    if "unrolled" in parts:
-        logger.info("timing unrolled training steps")
-        result["train_unrolled"] = measure_unrolled(setup)
-    if "equilibrium" in parts:
-        logger.info("timing equilibrium training steps")
-        result["train_equilibrium"] = measure_equilibrium(setup)
-    if "eval" in parts:
-        logger.info("timing evaluation")
-        result["eval"] = measure_eval(setup)
+    timings = (("fcost", "f_theta", "one call of f_theta and one VJP", measure_fcost),
+               ("unrolled", "train_unrolled", "unrolled training steps", measure_unrolled),
+               ("equilibrium", "train_equilibrium", "equilibrium training steps", measure_equilibrium),
+               ("eval", "eval", "evaluation", measure_eval))
+    for part, key, what, measure in timings:
+        if part in parts:
+            logger.info("timing %s", what)
+            result[key] = measure(setup)
     if "memory" in parts:
         logger.info("measuring peak memory (one fresh process per measurement)")
         memory: Dict[str, Any] = {}
