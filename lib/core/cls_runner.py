@@ -5,7 +5,7 @@ import argparse
 import logging
 import os
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -47,8 +47,8 @@ def training_checkpoint(ctx: RunContext, model: nn.Module, optimizer, scheduler,
                         rngs: Optional[List[Dict[str, Any]]] = None) -> Dict[str, Any]:
     """Everything needed to continue exactly: weights, optimizer, scheduler, counters and random generators.
 
-    ``rngs``: every rank's generator states (:func:`all_rng_states`, gathered by all ranks before rank 0 calls
-    this); without it only this process's state is saved, which every rank then resumes from.
+    ``rngs``: every rank's generator states (as :func:`save_resumable` gathers them); without it only this
+    process's state is saved, which every rank then resumes from.
     """
     ckpt = {"epoch": epoch, "step": state["step"], "batch": batch, "world_size": ctx.world_size,
             "model": ctx.cfg.MODEL.NAME,
@@ -58,6 +58,15 @@ def training_checkpoint(ctx: RunContext, model: nn.Module, optimizer, scheduler,
     if rngs:
         ckpt["rng_per_rank"] = list(rngs)
     return ckpt
+
+
+def save_resumable(ctx: RunContext, path: str, make: Callable[[List[Dict[str, Any]]], Dict[str, Any]]) -> None:
+    """Writes a training checkpoint: every rank calls this (it gathers every rank's random-generator states);
+    rank 0 then keeps the current ``path`` under its second name and writes ``make(rngs)`` atomically."""
+    rngs = all_rng_states()
+    if ctx.is_main:
+        keep_previous(path)
+        save_checkpoint(make(rngs), path)
 
 
 # every file the training tools write into the output folder (classification and segmentation)
@@ -171,11 +180,8 @@ def run_train(args: argparse.Namespace) -> Dict[str, float]:
 
         def on_step(batch: int, epoch: int = epoch) -> None:
             if every > 0 and state["step"] % every == 0 and batch + 1 < steps_per_epoch:
-                rngs = all_rng_states()  # (every rank)
-                if ctx.is_main:
-                    keep_previous(ckpt_file)
-                    save_checkpoint(training_checkpoint(ctx, model, optimizer, scheduler, epoch, state,
-                                                        best_perf, best_perf, batch + 1, rngs), ckpt_file)
+                save_resumable(ctx, ckpt_file, lambda rngs: training_checkpoint(
+                    ctx, model, optimizer, scheduler, epoch, state, best_perf, best_perf, batch + 1, rngs))
 
         try:
             train_one_epoch(ctx, train_loader, model, criterion, optimizer, scheduler, epoch, state, guard,
@@ -189,11 +195,9 @@ def run_train(args: argparse.Namespace) -> Dict[str, float]:
         best_file = os.path.join(ctx.output_dir, "model_best.pth.tar")
         is_best = perf > best_perf or not os.path.isfile(best_file)  # the first epoch is the best so far, even at 0 %
         best_perf = max(best_perf, perf)
-        rngs = all_rng_states()  # (every rank)
+        save_resumable(ctx, ckpt_file, lambda rngs: training_checkpoint(
+            ctx, model, optimizer, scheduler, epoch + 1, state, perf, best_perf, rngs=rngs))
         if ctx.is_main:
-            keep_previous(ckpt_file)
-            save_checkpoint(training_checkpoint(ctx, model, optimizer, scheduler, epoch + 1, state, perf, best_perf,
-                                                rngs=rngs), ckpt_file)
             if is_best:
                 save_checkpoint(unwrap(model).state_dict(), best_file)
             logger.info("=> saved checkpoint (epoch %d, Accuracy@1 %.3f, best %.3f, %.1f s of training) to %s",

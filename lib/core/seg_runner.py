@@ -22,9 +22,9 @@ import torch
 from torch import nn
 from yacs.config import CfgNode as CN
 
-from mdeq.core.cls_runner import (prepare_output, resume_error, resume_path, training_checkpoint,
-                                  warn_if_resharded)
-from mdeq.core.engine import (BadStepGuard, ShardSampler, TrainingDiverged, all_rng_states, make_loader,
+from mdeq.core.cls_runner import (prepare_output, resume_error, resume_path, save_resumable,
+                                  training_checkpoint, warn_if_resharded)
+from mdeq.core.engine import (BadStepGuard, ShardSampler, TrainingDiverged, make_loader,
                               restore_rng_state, save_last_good, setup_run, subset_percent, tensorboard_writer,
                               unwrap, wrap_model)
 from mdeq.core.optim import build_optimizer, build_scheduler
@@ -34,8 +34,8 @@ from mdeq.core.seg_inference import PredictionWriter, settings_from_cfg
 from mdeq.datasets import get_seg_dataset
 from mdeq.models import get_seg_net
 from mdeq.utils import distributed as du
-from mdeq.utils.checkpoint import (CheckpointError, keep_previous, load_pretrained, load_strict,
-                                   load_training_checkpoint, save_checkpoint)
+from mdeq.utils.checkpoint import (CheckpointError, load_pretrained, load_strict, load_training_checkpoint,
+                                   save_checkpoint)
 from mdeq.utils.summary import describe_model
 
 logger = logging.getLogger(__name__)
@@ -186,10 +186,7 @@ def run_train(args: argparse.Namespace) -> Dict[str, Any]:
 
         def on_step(batch: int, epoch: int = epoch, total: int = steps_this_epoch) -> None:
             if every > 0 and state["step"] % every == 0 and batch + 1 < total:
-                rngs = all_rng_states()  # (every rank)
-                if ctx.is_main:
-                    keep_previous(ckpt_file)
-                    save_checkpoint(checkpoint(epoch, best_miou, batch + 1, rngs), ckpt_file)
+                save_resumable(ctx, ckpt_file, lambda rngs: checkpoint(epoch, best_miou, batch + 1, rngs))
 
         try:
             train_one_epoch(ctx, loader, model, criterion, optimizer, scheduler, epoch, state, guard, writer,
@@ -202,10 +199,8 @@ def run_train(args: argparse.Namespace) -> Dict[str, Any]:
         miou = result["mIoU"]
         is_best = miou > best_miou or not os.path.isfile(os.path.join(ctx.output_dir, "best.pth"))
         best_miou = max(best_miou, miou)
-        rngs = all_rng_states()  # (every rank)
+        save_resumable(ctx, ckpt_file, lambda rngs: checkpoint(epoch + 1, miou, rngs=rngs))
         if ctx.is_main:
-            keep_previous(ckpt_file)
-            save_checkpoint(checkpoint(epoch + 1, miou, rngs=rngs), ckpt_file)
             if is_best:
                 save_checkpoint(unwrap(model).state_dict(), os.path.join(ctx.output_dir, "best.pth"))
             logger.info("=> saved checkpoint (epoch %d, mIoU %.4f, best %.4f) to %s", epoch + 1, miou, best_miou,
