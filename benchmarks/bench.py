@@ -42,13 +42,14 @@ from torch import nn
 
 from mdeq.config import check_config, load_config
 from mdeq.core.optim import build_optimizer
+from mdeq.datasets.common import SEG_DATASETS
 from mdeq.models import get_cls_net, get_seg_net, input_channels
 from mdeq.modules.deq import list2vec
+from mdeq.modules.optimizations import tune_cpu_allocator
 
 logger = logging.getLogger("bench")
 
 PARTS = ("unrolled", "equilibrium", "eval", "fcost", "memory")
-SEG_DATASETS = ("cityscapes",)
 
 
 # ------------------------------------------------------------------------------------------------ set-up
@@ -98,6 +99,8 @@ class Setup:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = bool(self.cfg.CUDNN.BENCHMARK)
             torch.backends.cudnn.enabled = bool(self.cfg.CUDNN.ENABLED)
+        if self.device.type == "cpu":
+            tune_cpu_allocator()  # as the tools do (mdeq.core.run.setup_run)
         torch.manual_seed(args.seed)
         self.seg = is_segmentation(self.cfg)
         channels = input_channels(self.cfg)

@@ -4,11 +4,11 @@
     python benchmarks/soak.py --minutes 4 --sample-every 25 PERCENT 0.2
     python benchmarks/soak.py --epochs 2 --cfg experiments/cifar/cls_mdeq_TINY.yaml DATASET.ROOT data/cifar10
 
-Runs cls_train's training loop (run_train: training, validation after every epoch, checkpoints) on the
+Runs cls_train's training (run_train: training, validation after every epoch, checkpoints) with a hook on the
 configuration given by ``--cfg`` (default: experiments/fashion_mnist/cls_mdeq_quick.yaml) with trailing KEY VALUE
 overrides, for ``--minutes`` of wall time or ``--epochs`` epochs, whichever ends first. It samples the resident
 set size (RSS, from /proc/self/status; the peak as well), the number of open file descriptors, live Python
-threads, and on a GPU the allocated, reserved and peak CUDA memory: every ``--sample-every`` steps and at the
+threads, the median step time, and on a GPU the allocated, reserved and peak CUDA memory: every ``--sample-every`` steps and at the
 start and end of every epoch (so after each validation). It prints one JSON object with the samples and a
 verdict:
 
@@ -37,10 +37,6 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CFG = os.path.join(REPO, "experiments", "fashion_mnist", "cls_mdeq_quick.yaml")
-
-
-class SoakDone(Exception):
-    """Raised inside the training loop when the time is up."""
 
 
 def _status_kb(field: str) -> Optional[int]:
@@ -144,8 +140,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    from mdeq.core import cls_runner
-    from mdeq.core.engine import parse_args as tool_args
+    from mdeq.config import parse_args as tool_args
+    from mdeq.core.classification import run_train
+    from mdeq.core.trainer import Hook, TrainingStopped
 
     work = tempfile.mkdtemp(prefix="mdeq_soak_")
     opts = list(args.opts)
@@ -154,45 +151,47 @@ def main(argv: Optional[List[str]] = None) -> int:
     if "LOG_DIR" not in opts[0::2]:
         opts += ["LOG_DIR", os.path.join(work, "log")]
     end_epoch = args.epochs if args.epochs > 0 else 100000
-    opts += ["TRAIN.END_EPOCH", str(end_epoch), "TRAIN.RESUME", "False", "AUTO_RESUME", "False"]
+    opts += ["TRAIN.END_EPOCH", str(end_epoch), "TRAIN.RESUME", "False", "AUTO_RESUME", "False",
+             "TRAIN.OVERWRITE", "True"]
 
     deadline = time.time() + 60.0 * args.minutes
     start = time.time()
     steps: List[Dict[str, Any]] = []
     epochs: List[Dict[str, Any]] = []
     counter = {"step": 0}
-    real_train_one_epoch = cls_runner.train_one_epoch
 
-    def sample(kind: str, epoch: int, into: List[Dict[str, Any]]) -> None:
+    def sample(kind: str, epoch: int, into: List[Dict[str, Any]], **extra: Any) -> None:
         into.append(dict(memory_sample(), event=kind, epoch=epoch, step=counter["step"],
-                         elapsed_s=round(time.time() - start, 2)))
+                         elapsed_s=round(time.time() - start, 2), **extra))
 
-    def soak_epoch(ctx, loader, model, criterion, optimizer, scheduler, epoch, state, guard, writer=None,
-                   on_step=None):
-        sample("epoch_start", epoch, epochs)
+    class SoakHook(Hook):
+        """Samples memory, open files and step times; asks the run to stop when the time is up."""
 
-        def step_hook(batch: int) -> None:
+        def __init__(self) -> None:
+            self.times: List[float] = []
+
+        def on_run_start(self, trainer) -> None:
+            sample("epoch_start", trainer.state.epoch, epochs)
+
+        def on_step_end(self, trainer, record) -> None:
             counter["step"] += 1
-            if on_step is not None:
-                on_step(batch)
+            self.times.append(record.batch_time)
             if counter["step"] % args.sample_every == 0:
-                sample("step", epoch, steps)
-            if time.time() >= deadline:
-                raise SoakDone()
+                recent = self.times[-args.sample_every:]
+                sample("step", record.epoch, steps, step_time_s=round(sorted(recent)[len(recent) // 2], 4))
+            if time.time() >= deadline and trainer.stop_reason is None:
+                trainer.request_stop("the soak's time budget is spent")
 
-        result = real_train_one_epoch(ctx, loader, model, criterion, optimizer, scheduler, epoch, state, guard,
-                                      writer, step_hook)
-        sample("epoch_end", epoch, epochs)
-        return result
+        def on_epoch_end(self, trainer, summary) -> None:
+            sample("epoch_end", summary.epoch - 1, epochs)
+            if summary.epoch < trainer.last_epoch:
+                sample("epoch_start", summary.epoch, epochs)
 
-    cls_runner.train_one_epoch = soak_epoch
     stopped_by = "epochs"
     try:
-        cls_runner.run_train(tool_args("soak", ["--cfg", args.cfg] + opts))
-    except SoakDone:
+        run_train(tool_args("soak", ["--cfg", args.cfg] + opts), hooks=[SoakHook()])
+    except TrainingStopped:
         stopped_by = "time"
-    finally:
-        cls_runner.train_one_epoch = real_train_one_epoch
     final = memory_sample()
     report = {
         "benchmark": "soak", "cfg": os.path.relpath(args.cfg, REPO) if args.cfg.startswith(REPO) else args.cfg,

@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from mdeq.utils.checkpoint import extract_state_dict as normalise_state_dict
+from mdeq.utils.state_dict import extract_state_dict as normalise_state_dict
 from mdeq.utils.checkpoint import safe_load, save_checkpoint
 from mdeq.utils.cli import run_tool
 

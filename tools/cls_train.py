@@ -5,13 +5,14 @@
 """
 import sys
 
-from mdeq.core.cls_runner import run_train
-from mdeq.core.engine import parse_args
+from mdeq.config import parse_args
+from mdeq.core.classification import run_train
 from mdeq.utils.cli import run_tool
 
 
-def main(argv=None):
-    return run_tool(lambda: run_train(parse_args("Train an MDEQ classification model", argv)))
+def main(argv=None, hooks=()):
+    """Runs the tool; ``hooks``: extra trainer hooks (tests and benchmarks register theirs here)."""
+    return run_tool(lambda: run_train(parse_args("Train an MDEQ classification model", argv), hooks))
 
 
 if __name__ == "__main__":

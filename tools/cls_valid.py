@@ -4,8 +4,8 @@
 """
 import sys
 
-from mdeq.core.cls_runner import run_valid
-from mdeq.core.engine import parse_args
+from mdeq.config import parse_args
+from mdeq.core.classification import run_valid
 from mdeq.utils.cli import run_tool
 
 

@@ -13,8 +13,8 @@ Cityscapes benchmark server accepts and prints where they are.
 """
 import sys
 
-from mdeq.core.engine import parse_args
-from mdeq.core.seg_runner import run_test
+from mdeq.config import parse_args
+from mdeq.core.segmentation import run_test
 from mdeq.utils.cli import run_tool
 
 

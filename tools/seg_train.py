@@ -8,16 +8,17 @@ The last line printed is ``mIoU: X`` (the final validation); the log holds the p
 """
 import sys
 
-from mdeq.core.engine import parse_args
-from mdeq.core.seg_runner import run_train
+from mdeq.config import parse_args
+from mdeq.core.segmentation import run_train
 from mdeq.utils.cli import run_tool
 
 
-def main(argv=None):
+def main(argv=None, hooks=()):
+    """Runs the tool; ``hooks``: extra trainer hooks (tests and benchmarks register theirs here)."""
     result = {}
 
     def run():
-        result.update(run_train(parse_args("Train an MDEQ segmentation model", argv)))
+        result.update(run_train(parse_args("Train an MDEQ segmentation model", argv), hooks))
 
     code = run_tool(run)
     if code == 0 and result.get("rank", 0) == 0 and "mIoU" in result:

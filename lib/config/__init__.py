@@ -1,4 +1,5 @@
 """Configuration: yacs defaults (``default.py``), merging (``loader.py``) and semantic checks (``check.py``)."""
+from .args import parse_args
 from .check import check_config
 from .default import get_default_config
 from .loader import ConfigError, load_config, merge_file, merge_list, update_config
@@ -6,4 +7,4 @@ from .loader import ConfigError, load_config, merge_file, merge_list, update_con
 config = get_default_config()  # a fresh copy for scripts that want the original's module-level name
 
 __all__ = ["ConfigError", "check_config", "config", "get_default_config", "load_config", "merge_file",
-           "merge_list", "update_config"]
+           "merge_list", "parse_args", "update_config"]

@@ -109,3 +109,55 @@ def broadcast_object(obj, src: int = 0):
 def cleanup() -> None:
     if is_distributed():
         dist.destroy_process_group()
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's ``obj``, in rank order (a collective: every rank must call it at the same point)."""
+    if not is_distributed():
+        return [obj]
+    gathered: list = [None] * get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is true on at least one (a collective in several processes)."""
+    if not is_distributed():
+        return bool(flag)
+    box = torch.tensor([1.0 if flag else 0.0], device=device)
+    return float(all_reduce_sum(box)) > 0.0
+
+
+def same_on_all_ranks(flag: bool, device: torch.device) -> bool:
+    """Rank 0's ``flag`` on every rank (a collective in several processes)."""
+    if not is_distributed():
+        return bool(flag)
+    box = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.broadcast(box, src=0)
+    return float(box) > 0.0
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The bare network inside a DistributedDataParallel (or DataParallel) wrapper; the model itself otherwise."""
+    inner = getattr(model, "module", None)
+    return inner if isinstance(inner, torch.nn.Module) else model
+
+
+def wrap_model(model: torch.nn.Module, device: torch.device, sync_bn: bool = False) -> torch.nn.Module:
+    """Moves ``model`` to ``device`` and, when several processes run, wraps it in DistributedDataParallel.
+
+    With ``sync_bn`` the BatchNorms become SyncBatchNorm where the backend supports it (NCCL on CUDA); on the
+    CPU (Gloo) they stay per-process BatchNorms, and the log says so.
+    """
+    model = model.to(device)
+    if not is_distributed():
+        return model
+    if sync_bn:
+        if device.type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            logger.info("BatchNorm statistics are synchronised across the %d processes (SyncBatchNorm)",
+                        get_world_size())
+        else:
+            logger.info("BatchNorm statistics stay per process: SyncBatchNorm needs NCCL on CUDA devices")
+    ids = [device.index] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, output_device=ids[0] if ids else None)

@@ -12,6 +12,22 @@ from mdeq.utils.distributed import get_rank
 FORMAT = "%(asctime)-15s %(message)s"
 
 
+class ConsoleHandler(logging.StreamHandler):
+    """Writes log lines to stdout through tqdm when it is installed, so that a progress bar on the same terminal
+    is cleared before the line and drawn again after it (the two never glue together)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            return super().emit(record)
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+            self.flush()
+        except Exception:  # as logging does: a broken console must not stop training
+            self.handleError(record)
+
+
 def setup_logger(log_dir: Optional[str], phase: str, cfg_name: str) -> logging.Logger:
     """Logs to the console and to ``log_dir/<cfg_name>_<time>_<phase>.log`` on rank 0; other ranks log warnings
     only, to the console. Returns the root logger."""
@@ -21,7 +37,7 @@ def setup_logger(log_dir: Optional[str], phase: str, cfg_name: str) -> logging.L
     rank = get_rank()
     level = logging.INFO if rank == 0 else logging.WARNING
     root.setLevel(level)
-    console = logging.StreamHandler(sys.stdout)
+    console = ConsoleHandler(sys.stdout)
     console.setFormatter(logging.Formatter(FORMAT if rank == 0 else f"[rank {rank}] " + FORMAT))
     root.addHandler(console)
     if rank == 0 and log_dir:

@@ -7,7 +7,6 @@ masks, the Jacobian loss drawn with probability 0.5), so a random generator that
 is advanced differently after a resume, changes the weights.
 """
 import glob
-import importlib.util
 import logging
 import os
 import shutil
@@ -16,7 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from mdeq.core import cls_runner
+from mdeq.config import parse_args
+from mdeq.core.classification import run_train
+from mdeq.core.trainer import Hook
+from mdeq.utils.cli import run_tool
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CFG = os.path.join(REPO, "experiments", "fashion_mnist", "cls_mdeq_quick.yaml")
@@ -76,20 +78,31 @@ def one_thread_and_restore():
     torch.set_num_threads(threads)
 
 
-def cls_train(argv):
-    spec = importlib.util.spec_from_file_location("_tool_cls_train", os.path.join(REPO, "tools", "cls_train.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(argv)
+def cls_train(argv, hooks=()):
+    return run_tool(lambda: run_train(parse_args("cls_train", argv), hooks=hooks))
 
 
-def train(tmp_path, root, run, end_epoch, *extra):
+class KeepMidEpochCheckpoints(Hook):
+    """Copies every mid-epoch checkpoint aside as it is written (the epoch-end checkpoint overwrites the same file
+    later), as if the run had been killed just after writing it."""
+
+    def __init__(self, folder):
+        self.folder, self.saved = folder, []
+
+    def on_checkpoint(self, trainer, path, epoch, batch):
+        if batch > 0:
+            copy = os.path.join(self.folder, f"mid_epoch{epoch}_batch{batch}.pth.tar")
+            shutil.copyfile(path, copy)
+            self.saved.append((epoch, batch, trainer.state.step, copy))
+
+
+def train(tmp_path, root, run, end_epoch, *extra, hooks=()):
     """One cls_train run with its own log folder; returns (output folder, log text)."""
     out = str(tmp_path / f"out_{run.split('_')[0]}")
     log = str(tmp_path / f"log_{run}")
     argv = ["--cfg", CFG, "OUTPUT_DIR", out, "LOG_DIR", log, "DATASET.ROOT", root, "TRAIN.END_EPOCH",
             str(end_epoch)] + TINY + list(extra)
-    assert cls_train(argv) == 0
+    assert cls_train(argv, hooks) == 0
     (log_file,) = glob.glob(os.path.join(log, "fashion_mnist", "cls_mdeq_quick", "*_train.log"))
     with open(log_file) as fh:
         return os.path.join(out, "fashion_mnist", "cls_mdeq_quick"), fh.read()
@@ -127,22 +140,11 @@ def assert_same_training(a, b):
     assert_tensors_equal(ca["lr_scheduler"], cb["lr_scheduler"], "lr_scheduler")
 
 
-def test_resume_gives_the_same_weights_as_one_run(tmp_path, fashion_root, monkeypatch):
-    # The uninterrupted run; every mid-epoch checkpoint it writes is copied aside (the epoch-end checkpoint
-    # overwrites the same file later), as if the run had been killed just after writing it.
-    saved = []
-    real_save = cls_runner.save_checkpoint
-
-    def save_and_keep(obj, path):
-        real_save(obj, path)
-        if isinstance(obj, dict) and obj.get("batch", 0) > 0:
-            copy = str(tmp_path / f"mid_epoch{obj['epoch']}_batch{obj['batch']}.pth.tar")
-            shutil.copyfile(path, copy)
-            saved.append((obj["epoch"], obj["batch"], obj["step"], copy))
-
-    monkeypatch.setattr(cls_runner, "save_checkpoint", save_and_keep)
-    full, full_log = train(tmp_path, fashion_root, "full", 2)
-    monkeypatch.setattr(cls_runner, "save_checkpoint", real_save)
+def test_resume_gives_the_same_weights_as_one_run(tmp_path, fashion_root):
+    # The uninterrupted run; every mid-epoch checkpoint it writes is copied aside.
+    keep = KeepMidEpochCheckpoints(str(tmp_path))
+    full, full_log = train(tmp_path, fashion_root, "full", 2, hooks=[keep])
+    saved = keep.saved
     assert "\tunrolled" in full_log and "\tequilibrium" in full_log and "Jac " in full_log
     # steps 2 and 4 are multiples of CHECKPOINT_EVERY_STEPS that do not end an epoch
     assert [s[:3] for s in saved] == [(0, 2, 2), (1, 1, 4)]

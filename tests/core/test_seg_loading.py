@@ -5,7 +5,7 @@ import os
 import torch
 
 from mdeq.config import check_config, load_config
-from mdeq.core.seg_runner import build_model, load_test_model
+from mdeq.core.segmentation import build_model, load_test_model
 from mdeq.models import get_cls_net, get_seg_net
 from original_format import spec, write_original_cls, write_original_seg
 

@@ -2,8 +2,9 @@
 
     python tests/reliability/rel_hooks.py TOOL [the tool's arguments ...]
 
-TOOL is cls_train, cls_valid, seg_train, seg_test or extract_state_dict. The library is not changed: the hooks
-wrap functions of this process before the tool starts, as chosen by environment variables:
+TOOL is cls_train, cls_valid, seg_train, seg_test or extract_state_dict. The library is not changed: step faults
+are trainer hooks handed to the training tools; the other faults wrap functions of this process (torch.save, the
+loss, the PNG writer) before the tool starts, as chosen by environment variables:
 
 REL_MARKER          a file to create when a pause or a hang begins (the test waits for it, then kills us)
 REL_PAUSE_AT_STEP   at the N-th training step of this process (counted from 1, at the bad-step check, after the
@@ -13,6 +14,8 @@ REL_DISK_FULL_IN_SAVE  in the N-th torch.save of this process, write half of the
                     does (OSError ENOSPC)
 REL_KILL_AT_STEP    at the N-th training step, SIGKILL this process if it is rank REL_KILL_RANK (default 1) and
                     the first attempt of an elastic job (TORCHELASTIC_RESTART_COUNT 0 or unset)
+REL_SIGNAL_AT_STEP  at the N-th training step, send REL_SIGNAL (default SIGTERM) to this process if it is rank
+                    REL_SIGNAL_RANK (default 0), in the first attempt of an elastic job
 REL_NAN_STEPS       comma-separated training steps (counted from 1) whose cross-entropy loss is NaN
 REL_AUDIT_DIR       record every file this process opens for writing, renames or writes as a PNG, one line
                     "event<TAB>path" a file, in REL_AUDIT_DIR/writes_rank<R>_attempt<A>_pid<P>.tsv
@@ -60,29 +63,35 @@ def _touch_marker():
         os.replace(marker + ".part", marker)
 
 
-def install_step_hooks():
-    """Wraps BadStepGuard.check, which every training loop calls once per step."""
+def step_hooks():
+    """The trainer hooks that pause, kill or signal this process at a chosen step (after the backward pass, before
+    the optimizer update); an empty list when none is asked for."""
     pause_at = _int_env("REL_PAUSE_AT_STEP")
     kill_at = _int_env("REL_KILL_AT_STEP")
     kill_rank = int(os.environ.get("REL_KILL_RANK", "1"))
-    if not (pause_at or kill_at):
-        return
-    from mdeq.core import engine
+    signal_at = _int_env("REL_SIGNAL_AT_STEP")
+    signal_rank = int(os.environ.get("REL_SIGNAL_RANK", "0"))
+    signal_name = os.environ.get("REL_SIGNAL", "SIGTERM")
+    if not (pause_at or kill_at or signal_at):
+        return []
+    from mdeq.core.trainer import Hook
 
-    original = engine.BadStepGuard.check
-    count = [0]
+    class StepFaults(Hook):
+        def __init__(self):
+            self.count = 0
 
-    def check(self, loss, model, diverged=False):
-        count[0] += 1
-        if kill_at and count[0] == kill_at and _attempt() == 0 and _rank() == kill_rank:
-            sys.stdout.flush()
-            os.kill(os.getpid(), signal.SIGKILL)
-        if pause_at and count[0] == pause_at:
-            _touch_marker()
-            time.sleep(SLEEP_S)
-        return original(self, loss, model, diverged)
+        def after_backward(self, trainer, epoch, batch, step):
+            self.count += 1
+            if kill_at and self.count == kill_at and _attempt() == 0 and _rank() == kill_rank:
+                sys.stdout.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+            if signal_at and self.count == signal_at and _attempt() == 0 and _rank() == signal_rank:
+                os.kill(os.getpid(), getattr(signal, signal_name))
+            if pause_at and self.count == pause_at:
+                _touch_marker()
+                time.sleep(SLEEP_S)
 
-    engine.BadStepGuard.check = check
+    return [StepFaults()]
 
 
 def _half_write_in_save(env_name, after_half):
@@ -211,7 +220,6 @@ def main(argv):
 
     torch.set_num_threads(1)
     install_audit()
-    install_step_hooks()
     install_save_hang()
     install_disk_full()
     install_nan_loss()
@@ -219,6 +227,8 @@ def main(argv):
     spec = importlib.util.spec_from_file_location(f"_rel_tool_{argv[0]}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    if argv[0] in ("cls_train", "seg_train"):
+        return module.main(argv[1:], hooks=step_hooks())
     return module.main(argv[1:])
 
 

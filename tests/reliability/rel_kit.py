@@ -35,7 +35,7 @@ _cityscapes = _load("_rel_cityscapes_fixture", os.path.join(TESTS, "datasets", "
 
 # A segmentation model of two branches with 8 and 16 channels, on 64x32 crops of the tiny Cityscapes fixture.
 SEG_TINY = [
-    "MODEL.EXTRA.FULL_STAGE.NUM_BRANCHES", "2", "MODEL.EXTRA.FULL_STAGE.NUM_CHANNELS", "[8, 16]",
+    "GPUS", "(0,)", "MODEL.EXTRA.FULL_STAGE.NUM_BRANCHES", "2", "MODEL.EXTRA.FULL_STAGE.NUM_CHANNELS", "[8, 16]",
     "MODEL.EXTRA.FULL_STAGE.NUM_BLOCKS", "[1, 1]", "MODEL.EXPANSION_FACTOR", "1", "MODEL.NUM_GROUPS", "2",
     "MODEL.F_THRES", "4", "MODEL.B_THRES", "4", "MODEL.PRETRAINED", "",
     "TRAIN.IMAGE_SIZE", "[64, 32]", "TRAIN.MULTI_SCALE", "False", "TRAIN.BATCH_SIZE_PER_GPU", "2",

@@ -32,13 +32,14 @@ def ws(kit, rel, tmp_path):
     fm = kit.write_fashion_mnist(str(tmp_path / "fmnist"), n_train=16, n_test=4)
     out, log = str(tmp_path / "output"), str(tmp_path / "log")
     cls_opts = kit.TINY_MODEL + ["DATASET.ROOT", fm, "OUTPUT_DIR", out, "LOG_DIR", log, "TRAIN.BATCH_SIZE_PER_GPU",
-                                 "4", "TEST.BATCH_SIZE_PER_GPU", "4", "TRAIN.END_EPOCH", "1"]
+                                 "4", "TEST.BATCH_SIZE_PER_GPU", "4", "TRAIN.END_EPOCH", "1",
+                                 "TRAIN.OVERWRITE", "True"]  # a failed run must leave the earlier files as they are
     cls_model = str(tmp_path / "cls_model.pth.tar")
     torch.save(get_cls_net(load_config(kit.FASHION_CFG, cls_opts), in_channels=1).state_dict(), cls_model)
     cs = str(tmp_path / "cityscapes")
     rel.make_cityscapes(cs)
     seg_opts = rel.SEG_TINY + ["DATASET.ROOT", cs, "OUTPUT_DIR", out, "LOG_DIR", log, "TRAIN.END_EPOCH", "1",
-                                "TRAIN.RESUME", "False"]
+                                "TRAIN.RESUME", "False", "TRAIN.OVERWRITE", "True"]
     seg_model = str(tmp_path / "seg_model.pth")
     torch.save(get_seg_net(load_config(rel.SEG_CFG, seg_opts)).state_dict(), seg_model)
     # what an earlier run left in the output folders: these bytes must survive every failed run
@@ -125,9 +126,13 @@ def test_batch_size_below_one(kit, rel, ws, capsys, value):
 
 def test_training_split_too_small_for_one_batch_per_process(kit, rel, ws, capsys):
     # 16 images x PERCENT 0.07 = 1 image: a batch of one cannot train BatchNorm, so no step would run
+    fails_cleanly(kit, rel, ws, capsys, "cls_train",
+                  argv_for(ws, "cls_train", extra=["PERCENT", "0.07", "TRAIN.PERCENT_MODE", "fixed"]),
+                  "training would run no step", "1 training sample(s) (PERCENT 0.07) over 1 process(es)",
+                  "global batch 4 = 1 process(es) x 4 samples per step")
+    # the original's way: 7 % of the 4 batches of a shuffled epoch is no batch at all
     fails_cleanly(kit, rel, ws, capsys, "cls_train", argv_for(ws, "cls_train", extra=["PERCENT", "0.07"]),
-                  "training would run no step", "1 training sample(s) over 1 process(es)",
-                  "TRAIN.BATCH_SIZE_PER_GPU (4) is per process")
+                  "training would run no step", "PERCENT 0.07 of the 4 batches of an epoch is 0 batches")
 
 
 # ------------------------------------------------------------------------------------------------- datasets

@@ -2,7 +2,7 @@
 NaN reaches the weights, the BatchNorm running statistics (and batch counters) or the optimizer state; each skip
 is logged with a counter and written to TensorBoard; after TRAIN.MAX_BAD_STEPS consecutive bad steps training
 stops with a message naming the file of the last good state (exit code 2), and that file resumes. Classification
-and segmentation training share the protection (one implementation, engine.guarded_update); both are checked.
+and segmentation training share the protection (one implementation, the trainer's BadStepGuard); both are checked.
 
 Faults are injected deterministically: NaN images on chosen training forwards (through a forward pre-hook, so
 the NaN flows through every BatchNorm), a NaN or infinite loss, or a forward whose solver reports divergence.
@@ -14,12 +14,11 @@ import pytest
 import torch
 
 from mdeq.config import check_config, load_config
-from mdeq.core import cls_runner, seg_runner
-from mdeq.core.cls_function import train_one_epoch
-from mdeq.core.engine import BadStepGuard, RunContext
-from mdeq.core.optim import build_optimizer, build_scheduler
+from mdeq.core import classification, hooks, segmentation, trainer
+from mdeq.core.data import TrainData, batch_plan
+from mdeq.core.run import RunContext
 from mdeq.models import get_cls_net
-from mdeq.utils.checkpoint import load_training_checkpoint
+from mdeq.core.checkpointing import load_training_checkpoint
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -74,13 +73,13 @@ def inject(monkeypatch, module, builder_name, injector):
         return injector.attach(real(*args, **kwargs))
 
     monkeypatch.setattr(module, builder_name, build)
-    real_optimizer = module.build_optimizer
+    real_optimizer = trainer.build_optimizer
 
     def optimizer(cfg, model):
         injector.optimizer = real_optimizer(cfg, model)
         return injector.optimizer
 
-    monkeypatch.setattr(module, "build_optimizer", optimizer)
+    monkeypatch.setattr(trainer, "build_optimizer", optimizer)
 
 
 @pytest.fixture
@@ -115,36 +114,48 @@ def test_a_skipped_step_changes_no_weight_statistic_counter_or_optimizer_state(k
                      log_dir=str(tmp_path))
     torch.manual_seed(0)
     model = get_cls_net(cfg, in_channels=1)
-    optimizer = build_optimizer(cfg, model)
-    scheduler = build_scheduler(cfg, optimizer, 4)
     criterion = torch.nn.CrossEntropyLoss()
-    guard = BadStepGuard(cfg.TRAIN.MAX_BAD_STEPS)
     batches = [(torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))) for _ in range(4)]
-    state = {"step": 0, "start_batch": 0}
-    train_one_epoch(ctx, batches[:1], model, criterion, optimizer, scheduler, 0, state, guard)  # Adam has state
+
+    class ListTask(trainer.Task):  # a task over a list of batches: only what differs from the others
+        def __init__(self):
+            self.data = TrainData(loader=batches[:1], schedule_steps=4)
+            self.criterion = criterion
+
+        def phases(self):
+            return [trainer.Phase("main", 1, self.data, cfg)]
+
+        def loss(self, output, target):
+            return self.criterion(output, target)
+
+    task = ListTask()
+    run = trainer.Trainer(ctx, task, model, batch_plan(cfg, 1))
+    phase = run.phases[0]
+    run.train_epoch(phase, 0)  # Adam has state
+    optimizer, scheduler, guard = run.optimizer, run.scheduler, run.guard
     before_model, before_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
     assert before_opt["state"], "the optimizer has moments to protect"
 
     if fault == "nan images":
-        bad = [(x * float("nan"), y) for x, y in batches[1:]]
+        phase.data.loader = [(x * float("nan"), y) for x, y in batches[1:]]
     else:
-        bad = batches[1:]
+        phase.data.loader = batches[1:]
         value = float("nan") if fault == "nan loss" else float("inf")
-        real = criterion
-        criterion = lambda logits, target: real(logits, target) * value  # noqa: E731
-    train_one_epoch(ctx, bad, model, criterion, optimizer, scheduler, 0, state, guard)
+        task.criterion = lambda logits, target: criterion(logits, target) * value  # noqa: E731
+    run.state.batch = 0
+    run.train_epoch(phase, 0)
     assert guard.total == 3 and guard.consecutive == 3
     assert same(model.state_dict(), before_model), "a skipped step changed the model's tensors"
     assert same(optimizer.state_dict()["state"], before_opt["state"]), "a skipped step changed the optimizer state"
-    assert state["step"] == 4 and scheduler.last_epoch == 4  # the schedule goes on (resume stays aligned)
+    assert run.state.step == 4 and scheduler.last_epoch == 4  # the schedule goes on (resume stays aligned)
 
 
 # --------------------------------------------------------------------------------------------- the tools
 def test_cls_train_skips_a_nan_step_counts_it_and_writes_it_to_tensorboard(kit, fm, monkeypatch, capsys):
     injector = Injector(bad={2}, record=True)
-    inject(monkeypatch, cls_runner, "get_cls_net", injector)
+    inject(monkeypatch, classification, "get_cls_net", injector)
     scalars = []
-    real_writer = cls_runner.tensorboard_writer
+    real_writer = hooks.tensorboard_writer
 
     def writer(ctx):
         w = real_writer(ctx)
@@ -157,7 +168,7 @@ def test_cls_train_skips_a_nan_step_counts_it_and_writes_it_to_tensorboard(kit, 
         w.add_scalar = add_scalar
         return w
 
-    monkeypatch.setattr(cls_runner, "tensorboard_writer", writer)
+    monkeypatch.setattr(hooks, "tensorboard_writer", writer)
     assert kit.call_tool("cls_train", fm["argv"] + ["TRAIN.END_EPOCH", "1", "TENSORBOARD", "True"]) == 0
     out = capsys.readouterr().out
     assert "epoch 0 step 1: skipped a step" in out and "(1 in a row, 1 skipped steps in total)" in out
@@ -176,7 +187,7 @@ def test_cls_train_skips_a_nan_step_counts_it_and_writes_it_to_tensorboard(kit, 
 
 
 def test_cls_train_stops_after_max_bad_steps_with_the_last_good_state(kit, fm, monkeypatch, capsys):
-    inject(monkeypatch, cls_runner, "get_cls_net", Injector(bad=range(4, 100)))  # all of epoch 1 on
+    inject(monkeypatch, classification, "get_cls_net", Injector(bad=range(4, 100)))  # all of epoch 1 on
     code = kit.call_tool("cls_train", fm["argv"] + ["TRAIN.END_EPOCH", "3", "TRAIN.MAX_BAD_STEPS", "2"])
     err = capsys.readouterr().err
     last_good = os.path.join(fm["out"], "last_good.pth.tar")
@@ -206,7 +217,7 @@ def test_cls_train_stops_after_max_bad_steps_with_the_last_good_state(kit, fm, m
 
 @pytest.mark.parametrize("skip_diverged", [True, False])
 def test_a_diverged_solve_is_skipped_when_asked(kit, fm, monkeypatch, capsys, skip_diverged):
-    real = cls_runner.get_cls_net
+    real = classification.get_cls_net
     calls = [0]
 
     def build(*args, **kwargs):
@@ -224,7 +235,7 @@ def test_a_diverged_solve_is_skipped_when_asked(kit, fm, monkeypatch, capsys, sk
         model.forward = diverging_forward
         return model
 
-    monkeypatch.setattr(cls_runner, "get_cls_net", build)
+    monkeypatch.setattr(classification, "get_cls_net", build)
     argv = fm["argv"] + ["TRAIN.END_EPOCH", "1", "TRAIN.PRETRAIN_STEPS", "0", "TRAIN.SKIP_DIVERGED",
                          str(skip_diverged)]
     assert kit.call_tool("cls_train", argv) == 0
@@ -234,7 +245,7 @@ def test_a_diverged_solve_is_skipped_when_asked(kit, fm, monkeypatch, capsys, sk
 
 def test_seg_train_has_the_same_protection(kit, cs, monkeypatch, capsys):
     # one bad step (epoch 1): skipped, counted, training goes on
-    inject(monkeypatch, seg_runner, "get_seg_net", Injector(bad={2}))
+    inject(monkeypatch, segmentation, "get_seg_net", Injector(bad={2}))
     assert kit.call_tool("seg_train", cs["argv"] + ["TRAIN.END_EPOCH", "3"]) == 0
     out = capsys.readouterr().out
     assert "epoch 1 step 1: skipped a step" in out and out.count("skipped a step") == 1
@@ -245,7 +256,7 @@ def test_seg_train_has_the_same_protection(kit, cs, monkeypatch, capsys):
     # bad from the second step on: stops after MAX_BAD_STEPS, last good state written, exit code 2
     for name in os.listdir(cs["out"]):
         os.remove(os.path.join(cs["out"], name))
-    inject(monkeypatch, seg_runner, "get_seg_net", Injector(bad=range(2, 100)))
+    inject(monkeypatch, segmentation, "get_seg_net", Injector(bad=range(2, 100)))
     code = kit.call_tool("seg_train", cs["argv"] + ["TRAIN.END_EPOCH", "4", "TRAIN.MAX_BAD_STEPS", "2"])
     err = capsys.readouterr().err
     last_good = os.path.join(cs["out"], "last_good.pth.tar")

@@ -28,7 +28,9 @@ CIFAR_CFG = os.path.join(REPO, "experiments", "cifar", "cls_mdeq_TINY.yaml")
 IMAGENET_CFG = os.path.join(REPO, "experiments", "imagenet", "cls_mdeq_SMALL.yaml")
 
 # A two-branch model with 8 channels per branch: a few thousand parameters, milliseconds per step on a CPU.
+# GPUS (0,): TRAIN.BATCH_SIZE_PER_GPU is the whole batch of a step (the shipped yamls name up to 8 GPUs).
 TINY_MODEL = [
+    "GPUS", "(0,)",
     "MODEL.EXTRA.FULL_STAGE.NUM_BRANCHES", "2",
     "MODEL.EXTRA.FULL_STAGE.NUM_BLOCKS", "[1, 1]",
     "MODEL.EXTRA.FULL_STAGE.NUM_CHANNELS", "[8, 8]",
@@ -44,12 +46,13 @@ TINY_MODEL = [
     "TENSORBOARD", "False",
 ]
 
-# The original's log lines (lib/core/cls_function.py writes them; the timestamp comes first).
+# The log lines of training and evaluation (the hooks and validate in lib/core write them; the timestamp first).
 NUM = r"-?\d+\.\d+"
 TRAIN_LINE = re.compile(
     rf"Epoch: \[(?P<epoch>\d+)\]\[(?P<i>\d+)/(?P<total>\d+)\]\tTime {NUM}s \({NUM}s\)\tSpeed {NUM} samples/s\t"
     rf"Data {NUM}s \({NUM}s\)\tLoss (?P<loss>{NUM}) \({NUM}\)\tAccuracy@1 (?P<top1>{NUM}) \({NUM}\)\t"
-    rf"Accuracy@5 (?P<top5>{NUM}) \({NUM}\)\t(?P<mode>unrolled|equilibrium)")
+    rf"Accuracy@5 (?P<top5>{NUM}) \({NUM}\)\tlr {NUM}e[-+]\d+\tETA [\d:]+ \(epoch\), [\d:]+ \(run\)\t"
+    rf"(?P<mode>unrolled|equilibrium)")
 TEST_LINE = re.compile(
     rf"Test: Time {NUM}\tLoss (?P<loss>{NUM})\tError@1 (?P<err1>{NUM})\tError@5 (?P<err5>{NUM})\t"
     rf"Accuracy@1 (?P<top1>{NUM})\tAccuracy@5 (?P<top5>{NUM})\t\((?P<count>\d+) images")

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from mdeq.config import load_config
-from mdeq.core.engine import parse_args
+from mdeq.config import parse_args
 from mdeq.datasets import dataset_info, get_cls_dataset
 from mdeq.models import get_cls_net
 from original_format import spec, write_original_cls
@@ -184,7 +184,7 @@ def test_torchrun_two_cpu_processes_match_single_process_valid(kit, tmp_path):
     root = kit.write_fashion_mnist(str(tmp_path / "fmnist"), n_train=40, n_test=n_test)
     out, log = str(tmp_path / "output"), str(tmp_path / "log")
     opts = fashion_opts(kit, root, out, log) + ["TRAIN.END_EPOCH", "1", "TRAIN.PRETRAIN_STEPS", "1",
-                                                "TENSORBOARD", "True"]
+                                                "TENSORBOARD", "True", "GPUS", "(0,1)"]  # global batch 16 = 2 x 8
     rc, output = kit.run_subprocess(["-m", "torch.distributed.run", "--nproc_per_node=2",
                                      f"--master_port={kit.free_port()}", os.path.join("tools", "cls_train.py"),
                                      "--cfg", kit.FASHION_CFG] + opts, timeout=300)
@@ -197,7 +197,8 @@ def test_torchrun_two_cpu_processes_match_single_process_valid(kit, tmp_path):
     assert len([f for f in logs if f.endswith("_config.yaml")]) == 1, logs
     assert len([f for f in logs if f.startswith("events.out.tfevents")]) == 1, logs  # ... and TensorBoard
     out_dir = os.path.join(out, "fashion_mnist", "cls_mdeq_quick")
-    assert sorted(os.listdir(out_dir)) == ["checkpoint.pth.tar", "final_state.pth.tar", "model_best.pth.tar"]
+    assert sorted(os.listdir(out_dir)) == ["checkpoint.pth.tar", "final_state.pth.tar", "metrics.csv",
+                                           "model_best.pth.tar", "results.json"]
 
     text = kit.read_log(log_dir, "train")
     steps = kit.train_lines(text)

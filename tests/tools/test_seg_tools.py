@@ -17,7 +17,7 @@ import torch
 from mdeq.config import check_config, load_config
 from mdeq.datasets import convert_label
 from mdeq.models import get_cls_net, get_seg_net
-from mdeq.utils.checkpoint import load_pretrained
+from mdeq.utils.state_dict import load_pretrained
 from original_format import spec, write_original_cls
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "datasets"))
@@ -25,7 +25,7 @@ from cityscapes_fixture import make_cityscapes_fixture  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CFG = str(ROOT / "experiments" / "cityscapes" / "seg_mdeq_SMALL.yaml")
-TINY = ["MODEL.EXTRA.FULL_STAGE.NUM_BRANCHES", "2", "MODEL.EXTRA.FULL_STAGE.NUM_CHANNELS", "[8, 16]",
+TINY = ["GPUS", "(0,)", "MODEL.EXTRA.FULL_STAGE.NUM_BRANCHES", "2", "MODEL.EXTRA.FULL_STAGE.NUM_CHANNELS", "[8, 16]",
         "MODEL.EXTRA.FULL_STAGE.NUM_BLOCKS", "[1, 1]", "MODEL.EXPANSION_FACTOR", "1", "MODEL.NUM_GROUPS", "2",
         "MODEL.F_THRES", "4", "MODEL.B_THRES", "4", "TRAIN.IMAGE_SIZE", "[64, 32]", "TRAIN.MULTI_SCALE", "False",
         "TRAIN.BATCH_SIZE_PER_GPU", "2", "TEST.IMAGE_SIZE", "[64, 32]", "TEST.BASE_SIZE", "64",

@@ -7,8 +7,9 @@ import torch
 
 from mdeq.config import check_config, load_config
 from mdeq.models import get_cls_net, get_seg_net
-from mdeq.utils.checkpoint import (CheckpointError, load_pretrained, load_strict, safe_load, save_checkpoint,
-                                   newest_valid_checkpoint)
+from mdeq.core.checkpointing import newest_valid_checkpoint
+from mdeq.utils.checkpoint import CheckpointError, safe_load, save_checkpoint
+from mdeq.utils.state_dict import load_pretrained, load_strict
 from original_format import spec, write_original_cls, write_original_seg
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -1,4 +1,4 @@
-"""The run engine's pieces: the resumable distributed sampler, random-state round trips, the bad-step guard,
+"""The training engine's pieces: the resumable distributed sampler, random-state round trips, the bad-step guard,
 optimizers and schedulers by name, and the Jacobian-loss weight schedule."""
 import io
 import math
@@ -10,8 +10,10 @@ import torch
 from torch import nn
 
 from mdeq.config import get_default_config
-from mdeq.core.cls_function import jacobian_weight
-from mdeq.core.engine import BadStepGuard, ShardSampler, rng_state, set_rng_state
+from mdeq.core.checkpointing import rng_state, set_rng_state
+from mdeq.core.data import ShardSampler
+from mdeq.core.guard import BadStepGuard
+from mdeq.core.trainer import jacobian_weight
 from mdeq.core.optim import OPTIMIZERS, SCHEDULERS, build_optimizer, build_scheduler
 
 
