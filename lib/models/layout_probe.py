@@ -72,14 +72,15 @@ def _f_call(model: nn.Module, sample: torch.Tensor) -> Callable[[], List[torch.T
 
 
 def choose_channels_last(model: nn.Module, sample_input: torch.Tensor, device: torch.device | str,
-                         repeats: int = 3, margin: float = 0.03,
-                         timer: Optional[Timer] = None) -> Tuple[bool, Dict[str, float]]:
+                         repeats: int = 3, margin: float = 0.03, timer: Optional[Timer] = None,
+                         min_seconds: float = 0.05, max_rounds: int = 50) -> Tuple[bool, Dict[str, float]]:
     """Times f_theta in both memory formats and says whether channels_last is the faster.
 
     The model itself is not changed: the probe runs on two copies, in evaluation mode, without autograd, with
     the random generators restored afterwards. Calls alternate between the formats (one warm-up call each, then
-    ``repeats`` timed calls each) and each format keeps its fastest call, so that a burst of load on a shared
-    machine does not decide.
+    at least ``repeats`` timed calls each, more while a format's timed calls add up to less than
+    ``min_seconds``, at most ``max_rounds``) and each format keeps its fastest call, so that a burst of load on
+    a shared machine does not decide.
 
     Args:
         model: An MDEQ (:class:`mdeq.models.mdeq_core.MDEQNet`), not yet compiled.
@@ -88,6 +89,9 @@ def choose_channels_last(model: nn.Module, sample_input: torch.Tensor, device: t
         repeats: Timed calls per format.
         margin: channels_last is chosen only when its time is below ``(1 - margin)`` times the contiguous one.
         timer: Measures one call (see :data:`Timer`); the default is :func:`wall_timer`.
+        min_seconds: Keep timing (beyond ``repeats``) until each format has run this long: very fast calls
+            (a small model, a GPU) get more samples.
+        max_rounds: The most timed calls per format.
 
     Returns:
         (use channels_last, {"contiguous": seconds, "channels_last": seconds}) with the fastest call of f_theta
@@ -99,14 +103,19 @@ def choose_channels_last(model: nn.Module, sample_input: torch.Tensor, device: t
     timer = timer or wall_timer
     rng_devices = [device] if device.type == "cuda" else []
     best = {"contiguous": float("inf"), "channels_last": float("inf")}
+    total = {"contiguous": 0.0, "channels_last": 0.0}
     with torch.random.fork_rng(devices=rng_devices), torch.no_grad():
         calls = {}
         for name in best:
             probe = apply_channels_last(copy.deepcopy(model).to(device).eval(), name == "channels_last")
             calls[name] = _f_call(probe, sample_input.to(device))
-        for _ in range(repeats):
+        rounds = 0
+        while rounds < repeats or (min(total.values()) < min_seconds and rounds < max(max_rounds, repeats)):
+            rounds += 1
             for name, run in calls.items():
-                best[name] = min(best[name], float(timer(run, device)))
+                seconds = float(timer(run, device))
+                best[name] = min(best[name], seconds)
+                total[name] += seconds
     use = best["channels_last"] < (1.0 - margin) * best["contiguous"]
     return use, best
 
@@ -147,7 +156,7 @@ def apply_layout_setting(cfg: CN, model: nn.Module, timer: Optional[Timer] = Non
     sample = probe_input(cfg, model)
     use, timings = choose_channels_last(model, sample, device, timer=timer)
     use = bool(du.broadcast_object(use))
-    logger.info("MODEL.CHANNELS_LAST auto: one call of f_theta on %s (batch %s) takes %.2f ms contiguous, "
+    logger.info("MODEL.CHANNELS_LAST auto: one call of f_theta on %s (input %s) takes %.2f ms contiguous, "
                 "%.2f ms channels_last -> %s", device, tuple(sample.shape), 1e3 * timings["contiguous"],
                 1e3 * timings["channels_last"], "channels_last" if use else "contiguous")
     return apply_channels_last(model, use)

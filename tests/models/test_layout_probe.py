@@ -133,6 +133,15 @@ def test_the_margin_is_a_parameter() -> None:
     assert choose_channels_last(tiny_model(), images(), "cpu", repeats=1, margin=0.01, timer=timer)[0] is True
 
 
+@pytest.mark.parametrize("seconds,max_rounds,rounds", [(0.02, 50, 3), (1e-4, 7, 7), (1.0, 50, 1)])
+def test_fast_calls_are_timed_more_often(seconds: float, max_rounds: int, rounds: int) -> None:
+    seen: List[str] = []
+    timer = scripted_timer({"contiguous": [seconds] * 60, "channels_last": [seconds] * 60}, seen)
+    choose_channels_last(tiny_model(), images(), "cpu", repeats=1, min_seconds=0.05, max_rounds=max_rounds,
+                         timer=timer)
+    assert len(seen) == 2 * rounds  # until each format has run 0.05 s, at most max_rounds times
+
+
 def test_the_probe_leaves_the_model_and_the_random_generators_alone() -> None:
     model = tiny_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
