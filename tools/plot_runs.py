@@ -7,17 +7,15 @@
 import sys
 
 from mdeq.utils.cli import run_tool
+from mdeq.utils.plotting import INSTALL_HINT, main as plot_main, pyplot
 
 
 def main(argv=None):
     try:
-        import matplotlib  # noqa: F401  (only checked here; the plotting module imports it)
+        pyplot()  # matplotlib with the Agg backend
     except ImportError:
-        print("error: plotting needs matplotlib; install it with `pip install matplotlib` "
-              "(or the package's `plot` extra)", file=sys.stderr)
+        print(f"error: {INSTALL_HINT}", file=sys.stderr)
         return 2
-    from mdeq.utils.plotting import main as plot_main
-
     return run_tool(lambda: print(f"wrote {plot_main(argv)}"))
 
 

@@ -3,7 +3,7 @@ the model's outputs after the choice."""
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Dict, List, Sequence
+from typing import Any, Callable, Dict, List
 
 import pytest
 import torch
