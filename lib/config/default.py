@@ -55,7 +55,7 @@ _C.MODEL.BLOCK_GN_AFFINE = True  # affine GroupNorms inside the residual blocks 
 _C.MODEL.FUSE_GN_AFFINE = True  # affine GroupNorms in the multiscale fusion (second generation option)
 _C.MODEL.POST_GN_AFFINE = True  # affine GroupNorms after the fusion (second generation option)
 _C.MODEL.BN_MOMENTUM = -1.0  # BatchNorm momentum; -1 takes the original's (0.1 classification, 0.01 segmentation)
-_C.MODEL.CHANNELS_LAST = False  # run convolutions in channels_last memory format (often faster on CPU)
+_C.MODEL.CHANNELS_LAST = "false"  # channels_last memory format: true, false, or auto (a probe at start picks the faster)
 _C.MODEL.COMPILE = False  # torch.compile f_theta (inductor); faster on GPUs, slower backward on CPUs (README)
 
 _C.MODEL.EXTRA = CN()

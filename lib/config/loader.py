@@ -14,6 +14,9 @@ from yacs.config import CfgNode as CN
 # Whichever the files and options set last wins, and both are kept equal.
 ALIASES = (("MODEL.F_THRES", "DEQ.F_THRES"), ("MODEL.B_THRES", "DEQ.B_THRES"))
 
+# Keys that take "true", "false" or "auto"; yaml and command-line booleans are accepted and stored as "true"/"false".
+TRISTATE_KEYS = ("MODEL.CHANNELS_LAST",)
+
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the key and how to fix it."""
@@ -41,8 +44,24 @@ def _suggest(key: str, node: CN, prefix: str) -> str:
     return f" Did you mean {' or '.join(close)}?" if close else ""
 
 
+def tristate(key: str, value: Any) -> str:
+    """The value of a true/false/auto key as "true", "false" or "auto"; booleans (yaml or Python) are accepted.
+
+    Raises:
+        ConfigError: any other value, naming the key and the valid values.
+    """
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "auto"):
+        return value.strip().lower()
+    raise ConfigError(f"config key {key}: expected true, false or auto, got {value!r}. "
+                      f"Fix the value in the yaml file or the command line.")
+
+
 def _coerce(key: str, default: Any, value: Any) -> Any:
     """Converts value to the type of default, or raises ConfigError naming the key and both types."""
+    if key in TRISTATE_KEYS:
+        return tristate(key, value)
     if isinstance(value, str) and not isinstance(default, str):
         try:
             value = ast.literal_eval(value)

@@ -175,8 +175,9 @@ def _performance_options(cfg: CN, model: MDEQNet) -> MDEQNet:
     device = str(cfg.DEVICE).lower()
     if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
         tune_cpu_allocator()
-    if cfg.MODEL.CHANNELS_LAST:
-        model = model.to(memory_format=torch.channels_last)
+    from mdeq.models.layout_probe import apply_layout_setting  # true / false / auto (probe)
+
+    model = apply_layout_setting(cfg, model)
     if cfg.MODEL.COMPILE:
         model.compile_f_theta()
     return model
