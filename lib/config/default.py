@@ -141,7 +141,7 @@ _C.TRAIN.CLIP = -1.0  # clip the gradient norm to this value; <= 0 disables clip
 _C.TRAIN.LR_FACTOR = 0.1  # step / multistep schedulers: multiply the rate by this at each step
 _C.TRAIN.LR_STEP = [90, 110]  # step / multistep schedulers: epochs at which the rate drops
 _C.TRAIN.LR = 0.001  # base learning rate
-_C.TRAIN.LR_SCHEDULER = "step"  # cosine (per step), step, multistep, poly (segmentation), none
+_C.TRAIN.LR_SCHEDULER = "step"  # cosine (per step), step, multistep, poly (the original segmentation rule), none
 _C.TRAIN.EXTRA_LR = 0.001  # segmentation: learning rate of the EXTRA_EPOCH epochs
 _C.TRAIN.WARMUP_STEPS = 0  # linear learning-rate warm-up over this many steps (0: none)
 _C.TRAIN.OPTIMIZER = "adam"  # sgd, adam, adamw, rmsprop
@@ -164,6 +164,7 @@ _C.TRAIN.NUM_SAMPLES = 0  # segmentation: use only the first N training samples 
 _C.TRAIN.MAX_BAD_STEPS = 20  # stop after this many consecutive skipped (NaN/Inf/diverged) steps
 _C.TRAIN.SKIP_DIVERGED = False  # also skip steps whose forward solve diverged (residual NaN/Inf)
 _C.TRAIN.CHECKPOINT_EVERY_STEPS = 0  # additionally write checkpoint.pth.tar every N steps (0: once per epoch)
+_C.TRAIN.ALIGN_CORNERS = True  # segmentation: align_corners of logit upsampling in loss and validation (original)
 _C.TRAIN.AMP = False  # bf16 autocast on CUDA (opt-in; measured in benchmarks/)
 
 # ----------------------------------------------------------------------------------------------------- test
@@ -175,9 +176,12 @@ _C.TEST.NUM_SAMPLES = 0  # segmentation: evaluate only the first N samples (0: a
 _C.TEST.FLIP_TEST = False  # segmentation: average with the horizontally flipped prediction
 _C.TEST.POST_PROCESS = False  # unused (pose-estimation leftover)
 _C.TEST.SHIFT_HEATMAP = False  # unused (pose-estimation leftover)
-_C.TEST.MULTI_SCALE = False  # segmentation: average predictions over TEST.SCALE_LIST
+_C.TEST.MULTI_SCALE = False  # segmentation, prob fusion: use TEST.SCALE_LIST (the original fusion always does)
 _C.TEST.CENTER_CROP_TEST = False  # segmentation: evaluate a centre crop of TEST.IMAGE_SIZE
 _C.TEST.SCALE_LIST = [1]  # segmentation: scales of the multi-scale test
+_C.TEST.FUSION = "original"  # segmentation test: original (logit flip, exp summed) or prob (probabilities averaged)
+_C.TEST.ALIGN_CORNERS = False  # segmentation test: align_corners of logit upsampling in seg_test (original: False)
+_C.TEST.FLIP_TRAIN_STEP = 0  # original fusion: train_step of the flipped pass (0: unrolled as the original; -1: solved)
 _C.TEST.USE_GT_BBOX = False  # unused (pose-estimation leftover)
 _C.TEST.IMAGE_THRE = 0.1  # unused (pose-estimation leftover)
 _C.TEST.NMS_THRE = 0.6  # unused (pose-estimation leftover)
