@@ -242,6 +242,9 @@ def test_original_fusion_equals_the_original_code(case):
     # the same network calls in the same order: plain passes at -1, flipped ones at train_step 0
     assert net.steps == rec["train_steps"]
     assert torch.equal(predict_labels(net, image, settings), expected.argmax(1))
+    # the original's test-time upsampling (F.upsample) had align_corners False: True would not match
+    aligned = predict_scores(net, image, InferenceSettings(**{**settings.__dict__, "align_corners": True}))
+    assert (aligned - expected).abs().max() > 1e-3 * float(expected.abs().max())
 
 
 def test_original_fusion_differs_from_probability_averaging():
