@@ -23,6 +23,8 @@ It imports the original's own modules (its ``lib``, ``lib/models`` and ``lib/mod
 The recorded inputs are stored with the outputs, so the tests never need the original code.
 """
 import argparse
+import importlib
+import importlib.util
 import json
 import os
 import random
@@ -32,7 +34,6 @@ import types
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -51,15 +52,10 @@ def import_original(checkout: str):
         sys.path.insert(0, os.path.join(lib, sub))
     np.int = int  # the original uses the alias removed from numpy
     torch.Tensor.cuda = lambda self, *args, **kwargs: self  # CPU only
-    if "tqdm" not in sys.modules:
-        try:
-            import tqdm  # noqa: F401
-        except ImportError:  # the original's seg_function imports it; a pass-through is enough here
-            sys.modules["tqdm"] = types.SimpleNamespace(tqdm=lambda it, *a, **k: it)
+    if importlib.util.find_spec("tqdm") is None:  # the original's seg_function imports it; a pass-through will do
+        sys.modules["tqdm"] = types.SimpleNamespace(tqdm=lambda it, *a, **k: it)
     from config import config
     from core import seg_criterion, seg_function
-    import importlib
-
     base_dataset = importlib.import_module("datasets.base_dataset")
     cityscapes = importlib.import_module("datasets.cityscapes")  # the package attribute is the class
     return types.SimpleNamespace(criterion=seg_criterion, function=seg_function, base=base_dataset,
