@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Iterable
+from typing import Callable, Dict, Iterable, Optional
 
 import torch
 from yacs.config import CfgNode as CN
@@ -66,10 +66,50 @@ def _step(cfg: CN, steps_per_epoch: int) -> Callable[[int], float]:
     return lambda step: cfg.TRAIN.LR_FACTOR ** (step // every)
 
 
-def _poly(cfg: CN, steps_per_epoch: int) -> Callable[[int], float]:
-    # The segmentation schedule of the HRNet family: lr * (1 - step / total) ** 0.9.
-    total = max(1, steps_per_epoch * cfg.TRAIN.END_EPOCH)
-    return lambda step: max(0.0, 1 - min(step, total) / total) ** 0.9
+def original_epoch_iters(num_samples: int, global_batch: int) -> int:
+    """The original segmentation trainer's count of iterations per epoch, ``int(N / global batch)``.
+
+    The original computed it from the dataset size and ``BATCH_SIZE_PER_GPU x len(GPUS)`` while each process's
+    loader could run one step more (its distributed sampler pads the dataset up to a multiple of the number of
+    processes): Cityscapes with 2975 images and 3 x 4 images a step counts 247 iterations an epoch but runs 248.
+
+    Args:
+        num_samples: training images N.
+        global_batch: images per optimizer step over all processes.
+    """
+    return max(1, int(num_samples / max(1, global_batch)))
+
+
+def poly_factor(step: int, steps_per_epoch: int, epoch_iters: int, end_epoch: int, power: float = 0.9) -> float:
+    """The rate multiplier that the original segmentation training used at optimizer step ``step`` (0-based).
+
+    The original stepped a cosine scheduler and then always overwrote the rate, after each optimizer step, with
+    ``base * (1 - it / max_it) ** power`` where ``it = epoch * epoch_iters + i`` (``i`` the batch index in the
+    epoch) and ``max_it = end_epoch * epoch_iters``. So the cosine never acted, the first step used the base rate,
+    and step ``k > 0`` uses the poly value of the step before it. ``epoch_iters`` may be one less than the real
+    number of steps an epoch (see :func:`original_epoch_iters`); ``it`` then repeats at epoch boundaries exactly
+    as in the original. Past the end the factor stays 0.
+
+    Args:
+        step: optimizer steps already taken.
+        steps_per_epoch: steps each epoch really runs (the loader length).
+        epoch_iters: the original's iterations per epoch used in ``it`` and ``max_it``.
+        end_epoch: TRAIN.END_EPOCH of the phase.
+        power: the poly exponent (0.9 in the original).
+    """
+    if step <= 0:
+        return 1.0
+    prev = step - 1
+    it = (prev // steps_per_epoch) * epoch_iters + prev % steps_per_epoch
+    max_it = max(1, end_epoch * epoch_iters)
+    return max(0.0, 1.0 - it / max_it) ** power
+
+
+def _poly(cfg: CN, steps_per_epoch: int, epoch_iters: Optional[int] = None) -> Callable[[int], float]:
+    # The original segmentation schedule (HRNet family) as its training loop really applied it; see poly_factor.
+    spe = max(1, steps_per_epoch)
+    iters = spe if epoch_iters is None else max(1, int(epoch_iters))
+    return lambda step: poly_factor(step, spe, iters, cfg.TRAIN.END_EPOCH)
 
 
 def _none(cfg: CN, steps_per_epoch: int) -> Callable[[int], float]:
@@ -81,15 +121,25 @@ SCHEDULERS: Dict[str, Callable[[CN, int], Callable[[int], float]]] = {
 }
 
 
-def build_scheduler(cfg: CN, optimizer: torch.optim.Optimizer, steps_per_epoch: int
-                    ) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(cfg: CN, optimizer: torch.optim.Optimizer, steps_per_epoch: int,
+                    epoch_iters: Optional[int] = None) -> torch.optim.lr_scheduler.LambdaLR:
     """A per-step LambdaLR implementing TRAIN.LR_SCHEDULER (+ optional warm-up); call ``step()`` every step.
 
     Stepping every schedule per step (epoch-based ones change at epoch boundaries) makes resuming mid-epoch
     exact and keeps one code path.
+
+    Args:
+        cfg: reads TRAIN.LR_SCHEDULER, LR, END_EPOCH, LR_STEP, LR_FACTOR, WARMUP_STEPS.
+        optimizer: the optimizer whose rate is scheduled.
+        steps_per_epoch: optimizer steps each epoch runs.
+        epoch_iters: ``poly`` only: the original's iterations per epoch (:func:`original_epoch_iters`); None
+            takes ``steps_per_epoch``.
     """
     name = cfg.TRAIN.LR_SCHEDULER.lower()
     if name not in SCHEDULERS:
         raise ValueError(f"TRAIN.LR_SCHEDULER: unknown scheduler {name!r}; valid names are {sorted(SCHEDULERS)}")
-    factor = _warmup(SCHEDULERS[name](cfg, steps_per_epoch), cfg.TRAIN.WARMUP_STEPS)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    if name == "poly":
+        factor = _poly(cfg, steps_per_epoch, epoch_iters)
+    else:
+        factor = SCHEDULERS[name](cfg, steps_per_epoch)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup(factor, cfg.TRAIN.WARMUP_STEPS))

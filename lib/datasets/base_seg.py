@@ -1,20 +1,24 @@
 """Shared base of the segmentation datasets: list files, reading, augmentation and normalisation.
 
-The sample pipeline follows the original MDEQ / HRNet-family loaders, in numpy and OpenCV (device agnostic):
+The sample pipeline is the original MDEQ (HRNet-family) loader's, in numpy and OpenCV (device agnostic), drawing
+its random numbers in the same order from the same generators, so that the same ``random`` / ``np.random``
+states give the same sample:
 
-* training: random rescale of the long side to ``BASE_SIZE * s`` with ``s = 0.5 + randint(0, SCALE_FACTOR) / 10``
-  (image bilinear, label nearest) when multi-scale training is on; a random crop of ``crop_size``, where an
-  image smaller than the crop is padded at the bottom and right; a random horizontal flip; label downsampling by
-  ``downsample_rate`` (nearest);
-* evaluation: the full image, or (``center_crop``) the long side resized to ``BASE_SIZE`` and a centre crop;
+* training with multi-scale on (TRAIN.MULTI_SCALE): the long side is rescaled to ``BASE_SIZE * s`` with
+  ``s = 0.5 + random.randint(0, SCALE_FACTOR) / 10`` (image bilinear, label nearest); the image is padded at the
+  bottom and right up to the crop with BLACK (0 before normalisation, as the original) and the label with
+  ``ignore_label``, so padded pixels never carry loss; a random crop of ``crop_size`` (offset x drawn before y);
+* training without multi-scale: the full image, neither rescaled nor cropped (the original crops only inside
+  its multi-scale step; set SCALE_FACTOR 0 and BASE_SIZE to twice the image's long side for crops at scale 1);
+* then, in training, a horizontal flip when ``np.random.choice(2)`` draws 0 (TRAIN.FLIP) and label
+  downsampling by ``downsample_rate`` (OpenCV nearest, as the original);
+* evaluation: the full image, or (``center_crop``) the long side resized to ``BASE_SIZE`` and a centre crop
+  (padded with black where the resized image is smaller than the crop; the original sliced with negative
+  offsets there);
 * test (unlabelled lists): the full image and an all-ignore label.
 
-Padding choice: the image is padded with zeros AFTER mean/std normalisation (i.e. with the dataset mean colour;
-the original padded with black before normalising); the label is padded with ``ignore_label``, so padded
-pixels never carry loss. Raw label ids are cropped, flipped and downsampled first and mapped to train ids last
-(``convert_label``), which keeps every geometric step in uint8.
-
-Random numbers come from Python's ``random`` module, which the DataLoader seeds per worker.
+Raw label ids are mapped to train ids (``convert_label``) only on the cropped window; mapping commutes with
+cropping and nearest resizing, so this equals the original's mapping of the whole label first.
 """
 from __future__ import annotations
 
@@ -99,14 +103,13 @@ def resize_long_side(image: np.ndarray, long_size: int,
 
 
 def downsample_label(label: np.ndarray, rate: int) -> np.ndarray:
-    """Nearest-neighbour downsampling of an (H, W) label map to (round(H / rate), round(W / rate))."""
+    """Nearest-neighbour downsampling of an (H, W) label map by ``rate`` (OpenCV's ``fx = fy = 1 / rate``, as the
+    original: the output has ``round(H / rate)`` rows, row i taken from source row ``floor(i * rate)``)."""
     if rate == 1:
         return label
-    h, w = label.shape
-    out_h, out_w = max(int(h / rate + 0.5), 1), max(int(w / rate + 0.5), 1)
-    rows = np.minimum((np.arange(out_h) * h) // out_h, h - 1)  # source row of each output row
-    cols = np.minimum((np.arange(out_w) * w) // out_w, w - 1)
-    return label[rows[:, None], cols[None, :]]
+    small = cv2.resize(np.ascontiguousarray(label).astype(np.int32), None, fx=1.0 / rate, fy=1.0 / rate,
+                       interpolation=cv2.INTER_NEAREST)
+    return small.astype(label.dtype)
 
 
 @dataclass(frozen=True)
@@ -187,7 +190,7 @@ class BaseSegDataset(Dataset):
         ignore_label: train id of pixels without loss (also the label padding value).
         crop_size: (height, width) of training crops, or of the evaluation centre crop.
         base_size: long side the random rescale (training) or the centre crop resize (evaluation) refers to.
-        multi_scale: random rescale in training.
+        multi_scale: random rescale and crop in training (without it the full image is used, as the original).
         scale_factor: range of the random rescale in tenths (the scale is 0.5 + randint(0, scale_factor) / 10).
         flip: random horizontal flips in training.
         downsample_rate: training labels are downsampled by this factor.
@@ -281,28 +284,31 @@ class BaseSegDataset(Dataset):
     # ------------------------------------------------------------------------------------- samples
     def _crop(self, image: np.ndarray, label: Optional[np.ndarray], random_offset: bool
               ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
-        """Crops crop_size from a (normalised) image and a raw label, padding bottom/right where too small.
+        """Crops crop_size from an RGB uint8 image and a raw label, padding bottom/right where too small.
+
+        The padding is black (0 before normalisation) in the image and ``ignore_label`` in the label. A random
+        offset draws x, then y, with ``random.randint`` over the padded image, as the original does.
 
         Returns:
-            image (ch, cw, 3) float32 with zeros in the padding, and train ids (ch, cw) int64 with
-            ignore_label in the padding (None without a label).
+            image (ch, cw, 3) float32 normalised, and train ids (ch, cw) int64 (None without a label).
         """
         ch, cw = self.crop_size
         h, w = image.shape[:2]
         span_y, span_x = max(h, ch) - ch, max(w, cw) - cw
         if random_offset:
-            y, x = random.randint(0, span_y), random.randint(0, span_x)
+            x = random.randint(0, span_x)
+            y = random.randint(0, span_y)
         else:
             y, x = int(round(span_y / 2.0)), int(round(span_x / 2.0))
         part = image[y:y + ch, x:x + cw]  # (hh, ww, 3), hh <= ch, ww <= cw
         hh, ww = part.shape[:2]
-        out = np.zeros((ch, cw, 3), dtype=np.float32)
-        out[:hh, :ww] = normalize(part)
+        out = np.zeros((ch, cw, 3), dtype=np.uint8)  # black padding
+        out[:hh, :ww] = part
         out_label = None
         if label is not None:
             out_label = np.full((ch, cw), self.ignore_label, dtype=np.int64)
             out_label[:hh, :ww] = self.convert_label(label[y:y + ch, x:x + cw])
-        return out, out_label
+        return normalize(out), out_label
 
     def gen_sample(self, image: np.ndarray, label: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         """The training or evaluation transform of one labelled sample.
@@ -318,8 +324,10 @@ class BaseSegDataset(Dataset):
             if self.multi_scale:
                 scale = 0.5 + random.randint(0, self.scale_factor) / 10.0
                 image, label = resize_long_side(image, int(self.base_size * scale + 0.5), label)
-            image, label = self._crop(image, label, random_offset=True)
-            if self.flip and random.random() < 0.5:
+                image, label = self._crop(image, label, random_offset=True)
+            else:
+                image, label = normalize(image), self.convert_label(label)
+            if self.flip and np.random.choice(2) == 0:
                 image, label = image[:, ::-1], label[:, ::-1]
             label = downsample_label(label, self.downsample_rate)
             return image, label

@@ -32,7 +32,8 @@ CITYSCAPES_CLASS_NAMES = (
     "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
 )
 
-# raw labelIds -> train ids; every id not listed (-1, 0..6, 9, 10, 14..16, 18, 29, 30, ...) is ignored
+# raw labelIds -> train ids; every id not listed (-1, 0..6, 9, 10, 14..16, 18, 29, 30, ...) is ignored (the
+# original left ids 34..254 unmapped; they never occur in Cityscapes labelIds files)
 LABEL_TO_TRAIN_ID: Mapping[int, int] = MappingProxyType({
     7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12, 26: 13, 27: 14,
     28: 15, 31: 16, 32: 17, 33: 18,

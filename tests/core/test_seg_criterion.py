@@ -1,4 +1,8 @@
-"""Segmentation criteria: ignore handling, class weights, upsampling to the label size, OHEM against numpy."""
+"""Segmentation criteria: the original's losses recorded from its code (tests/data/original_seg_oracle.json, see
+tests/data/README_seg.md), ignore handling, class weights, upsampling to the label size, OHEM against numpy."""
+import json
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +14,37 @@ from mdeq.datasets import CITYSCAPES_CLASS_WEIGHTS, convert_label
 
 IGNORE = 255
 K = 19
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+with open(os.path.join(ROOT, "tests", "data", "original_seg_oracle.json")) as _fh:
+    ORACLE = json.load(_fh)["losses"]
+
+
+@pytest.mark.parametrize("case", range(len(ORACLE["cases"])))
+def test_losses_and_gradients_equal_the_original_code(case):
+    """CE and OHEM (weighted or not) on logits smaller than the label: align_corners=True upsampling."""
+    rec = ORACLE["cases"][case]
+    logits = torch.tensor(ORACLE["logits"], dtype=torch.float32, requires_grad=True)
+    label = torch.tensor(ORACLE["label"])
+    weight = torch.tensor(ORACLE["weight"], dtype=torch.float32) if rec["weighted"] else None
+    if rec["kind"] == "ce":
+        crit = SegCrossEntropy(ORACLE["ignore_label"], weight)
+    else:
+        crit = OhemCrossEntropy(ORACLE["ignore_label"], rec["thres"], rec["min_kept"], weight)
+    assert crit.align_corners  # the default is the original's
+    loss = crit(logits, label)
+    loss.backward()
+    assert loss.item() == pytest.approx(rec["loss"], rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(logits.grad, torch.tensor(rec["grad"], dtype=torch.float32), rtol=1e-5, atol=1e-6)
+    # the other upsampling gives another loss on this input
+    other = type(crit)(**{**_ctor_args(crit), "align_corners": False})
+    assert abs(float(other(logits.detach(), label)) - rec["loss"]) > 1e-4
+
+
+def _ctor_args(crit):
+    args = {"ignore_label": crit.ignore_label, "weight": crit.weight}
+    if isinstance(crit, OhemCrossEntropy):
+        args.update(thresh=crit.thresh, min_kept=crit.min_kept)
+    return args
 
 
 def _batch(seed=0, b=2, h=6, w=10, ignore_fraction=0.3):
@@ -51,11 +86,12 @@ def test_raw_cityscapes_ids_mapped_to_ignore_carry_no_loss():
     assert torch.allclose(crit(logits, label), expected, atol=1e-6)
 
 
-def test_logits_are_upsampled_to_the_label_size():
+@pytest.mark.parametrize("align", [True, False])
+def test_logits_are_upsampled_to_the_label_size(align):
     logits, _ = _batch(h=4, w=8)
     _, label = _batch(seed=1, h=16, w=32)
-    crit = SegCrossEntropy(IGNORE)
-    up = F.interpolate(logits, size=(16, 32), mode="bilinear", align_corners=False)
+    crit = SegCrossEntropy(IGNORE, align_corners=align)
+    up = F.interpolate(logits, size=(16, 32), mode="bilinear", align_corners=align)
     assert torch.allclose(crit(logits, label), F.cross_entropy(up, label, ignore_index=IGNORE), atol=1e-6)
 
 
@@ -70,21 +106,20 @@ def test_all_ignored_batch_gives_zero_not_nan():
 
 
 def _numpy_ohem(logits, label, thresh, min_kept, weight=None):
-    """The HRNet-family OHEM written directly in numpy (float64)."""
+    """OHEM with the original's rule written directly in numpy (float64): k = min(min_kept, N - 1),
+    threshold = max(thresh, k-th smallest true-class probability), keep the pixels strictly below it."""
     x = logits.double().numpy().transpose(0, 2, 3, 1).reshape(-1, K)  # (N, K)
     y = label.numpy().reshape(-1)
     valid = y != IGNORE
     x, y = x[valid], y[valid]
     x = x - x.max(axis=1, keepdims=True)
     logp = x - np.log(np.exp(x).sum(axis=1, keepdims=True))
-    p_true = np.exp(logp[np.arange(len(y)), y])
+    p_true = np.exp(logp[np.arange(len(y)), y]).astype(np.float32)  # compared in float32, as the loss does
     w = np.ones(K) if weight is None else weight.double().numpy()
     losses = -logp[np.arange(len(y)), y] * w[y]
-    order = np.argsort(p_true, kind="stable")
-    k = min(min_kept, len(y)) - 1
-    threshold = max(thresh, p_true[order[k]])
+    k = min(min_kept, len(y) - 1)
+    threshold = max(thresh, np.sort(p_true)[k])
     keep = p_true < threshold
-    keep[order[:k + 1]] = True  # the k + 1 hardest are always kept
     return losses[keep].mean(), int(keep.sum()), p_true
 
 
@@ -102,10 +137,18 @@ def test_ohem_matches_numpy(thresh, min_kept):
     crit = OhemCrossEntropy(IGNORE, thresh, min_kept, weight)
     assert abs(float(crit(logits, label)) - expected) < 1e-5
     n_valid = int((label != IGNORE).sum())
-    assert kept >= min(min_kept, n_valid)  # at least OHEMKEEP pixels are kept
-    if thresh < 0.99:
-        assert kept < n_valid  # ... and easy ones are dropped
-        assert not np.isclose(expected, float(F.cross_entropy(logits, label, weight=weight, ignore_index=IGNORE)))
+    assert kept < n_valid  # easy pixels are dropped
+    if min_kept < n_valid:
+        assert kept >= min(min_kept, int((p_true < thresh).sum()))
+    assert not np.isclose(expected, float(F.cross_entropy(logits, label, weight=weight, ignore_index=IGNORE)))
+
+
+def test_ohem_with_min_kept_above_the_pixel_count_drops_the_easiest_like_the_original():
+    logits, label = _batch(seed=4, h=4, w=4, ignore_fraction=0.0)
+    prob = F.softmax(logits, 1).gather(1, label.unsqueeze(1)).reshape(-1)
+    crit = OhemCrossEntropy(IGNORE, thresh=0.0, min_kept=10 ** 6)
+    mask = crit.kept_mask(prob)
+    assert int(mask.sum()) == prob.numel() - 1 and not bool(mask[torch.argmax(prob)])
 
 
 def test_ohem_keeps_exactly_min_kept_hardest_when_the_threshold_is_low():

@@ -1,4 +1,7 @@
-"""Cityscapes: label mapping, augmentation geometry, splits and errors, on a tiny fixture in the real layout."""
+"""Cityscapes: label mapping, augmentation geometry, splits and errors, on a tiny fixture in the real layout; the
+training transform against the original code's (tests/data/original_seg_oracle.json, see tests/data/README_seg.md).
+"""
+import json
 import logging
 import os
 import random
@@ -9,12 +12,28 @@ import torch
 from cityscapes_fixture import HEIGHT, WIDTH
 
 from mdeq.config import load_config
-from mdeq.datasets import (CITYSCAPES_CLASS_NAMES, CITYSCAPES_PALETTE, BadFileError, Cityscapes, colorize,
-                           convert_label, dataset_info, denormalize, get_seg_dataset, normalize)
+from mdeq.datasets import (CITYSCAPES_CLASS_NAMES, CITYSCAPES_CLASS_WEIGHTS, CITYSCAPES_PALETTE, BadFileError,
+                           BaseSegDataset, Cityscapes, colorize, convert_label, dataset_info, denormalize,
+                           get_seg_dataset, normalize)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+with open(os.path.join(ROOT, "tests", "data", "original_seg_oracle.json")) as _fh:
+    _ORACLE = json.load(_fh)
+CROPS, MAPPING = _ORACLE["crops"], _ORACLE["label_mapping"]
 
 IGNORE = 255
 EXPECTED = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12, 26: 13,
             27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
+
+
+def crop_cfg(root, **train):
+    """Training crops at scale 1: multi-scale on with the scale fixed at 0.5 of a base size twice the image."""
+    return make_cfg(root, MULTI_SCALE=True, SCALE_FACTOR=0, BASE_SIZE=2 * WIDTH, **train)
+
+
+def seed(value):
+    random.seed(value)
+    np.random.seed(value)
 
 
 def make_cfg(root, **train):
@@ -147,8 +166,8 @@ def test_num_samples(cityscapes_root):
 # ------------------------------------------------------------------------------------------------- training
 def test_train_crop_is_aligned_and_flips_both_ways(cityscapes_root):
     root, written = cityscapes_root
-    ds = get_seg_dataset(make_cfg(root, FLIP=True), "train")
-    random.seed(0)
+    ds = get_seg_dataset(crop_cfg(root, FLIP=True), "train")
+    seed(0)
     flipped = unflipped = 0
     for _ in range(30):
         image, label, size, name = ds[random.randrange(len(ds))]
@@ -165,13 +184,17 @@ def test_train_crop_is_aligned_and_flips_both_ways(cityscapes_root):
     assert flipped > 0 and unflipped > 0
 
 
-def test_train_padding_uses_ignore_label_and_zero_image(cityscapes_root):
+def test_train_padding_uses_ignore_label_and_black_image(cityscapes_root):
     root, written = cityscapes_root
-    ds = get_seg_dataset(make_cfg(root, IMAGE_SIZE=[80, 40]), "train")  # crop larger than the 64x32 image
+    ds = get_seg_dataset(crop_cfg(root, IMAGE_SIZE=[80, 40]), "train")  # crop larger than the 64x32 image
     image, label, _, _ = ds[0]
     assert image.shape == (3, 40, 80) and label.shape == (40, 80)
     assert bool((label[HEIGHT:, :] == IGNORE).all()) and bool((label[:, WIDTH:] == IGNORE).all())
-    assert bool((image[:, HEIGHT:, :] == 0).all()) and bool((image[:, :, WIDTH:] == 0).all())  # mean colour
+    # black padded before normalisation, as the original: -mean / std in every padded pixel
+    black = torch.from_numpy(normalize(np.zeros((1, 1, 3), np.uint8))).reshape(3, 1, 1)
+    assert torch.allclose(black.reshape(-1), torch.tensor([-2.1179, -2.0357, -1.8044]), atol=1e-4)
+    assert torch.equal(image[:, HEIGHT:, :], black.expand(3, 40 - HEIGHT, 80))
+    assert torch.equal(image[:, :, WIDTH:], black.expand(3, 40, 80 - WIDTH))
     np.testing.assert_array_equal(label[:HEIGHT, :WIDTH].numpy(), mapped(written["train"][0]["raw"]))
     np.testing.assert_array_equal(denormalize(image[:, :HEIGHT, :WIDTH]), written["train"][0]["rgb"])
 
@@ -195,16 +218,81 @@ def test_multi_scale_rescale_and_shapes(cityscapes_root):
 
 def test_downsample_rate(cityscapes_root):
     root, _ = cityscapes_root
-    full = get_seg_dataset(make_cfg(root, FLIP=True), "train")
-    half = get_seg_dataset(make_cfg(root, FLIP=True, DOWNSAMPLERATE=2), "train")
-    for seed in range(4):
-        random.seed(seed)
+    full = get_seg_dataset(crop_cfg(root, FLIP=True), "train")
+    half = get_seg_dataset(crop_cfg(root, FLIP=True, DOWNSAMPLERATE=2), "train")
+    for value in range(4):
+        seed(value)
         image_f, label_f, _, _ = full[0]
-        random.seed(seed)
+        seed(value)
         image_h, label_h, _, _ = half[0]
         torch.testing.assert_close(image_f, image_h)  # the image keeps the crop size
         assert label_h.shape == (8, 16)
         torch.testing.assert_close(label_h, label_f[::2, ::2])
+
+
+def test_without_multi_scale_training_uses_the_full_image(cityscapes_root):
+    """The original crops only inside its multi-scale step: without it, the full image (flipped or not)."""
+    root, written = cityscapes_root
+    ds = get_seg_dataset(make_cfg(root, IMAGE_SIZE=[32, 16]), "train")
+    image, label, _, _ = ds[0]
+    assert image.shape == (3, HEIGHT, WIDTH) and label.shape == (HEIGHT, WIDTH)
+    np.testing.assert_array_equal(denormalize(image), written["train"][0]["rgb"])
+    np.testing.assert_array_equal(label.numpy(), mapped(written["train"][0]["raw"]))
+
+
+@pytest.mark.parametrize("case", range(len(CROPS["cases"])))
+def test_training_sample_equals_the_original_code(case):
+    """Rescale, black padding, crop, flip and label downsampling of a tiny image after the same seeds."""
+    rec = CROPS["cases"][case]
+    rgb = np.array(CROPS["image_rgb"], dtype=np.uint8)
+    label = np.array(CROPS["label"], dtype=np.uint8)
+    ds = _bare_dataset(rec)
+    seed(rec["seed"])
+    image, lab = ds.gen_sample(rgb, label)
+    expected_image = np.array(rec["image"], dtype=np.float32)  # (3, h, w)
+    np.testing.assert_allclose(image.transpose(2, 0, 1), expected_image, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(lab, np.array(rec["label_out"]))
+
+
+def _bare_dataset(rec):
+    """A BaseSegDataset without files (gen_sample needs none)."""
+    ds = BaseSegDataset.__new__(BaseSegDataset)
+    ds.train, ds.has_labels, ds.center_crop = True, True, False
+    ds.ignore_label = CROPS["ignore_label"]
+    ds.crop_size = tuple(rec["crop_size"])
+    ds.base_size, ds.scale_factor = rec["base_size"], rec["scale_factor"]
+    ds.multi_scale, ds.flip, ds.downsample_rate = rec["multi_scale"], rec["flip"], rec["downsample_rate"]
+    return ds
+
+
+def test_oracle_crops_include_black_padding():
+    """Some recorded crops are padded (a bottom or right band all ignore); their image there is black."""
+    black = normalize(np.zeros((1, 1, 3), np.uint8)).reshape(3, 1)
+    found = 0
+    for rec in CROPS["cases"]:
+        if rec["downsample_rate"] != 1:
+            continue
+        label = np.array(rec["label_out"])
+        image = np.array(rec["image"]).reshape(3, -1)
+        pad = np.zeros(label.shape, bool)
+        rows = np.nonzero((label == CROPS["ignore_label"]).all(axis=1))[0]
+        if len(rows) and rows[-1] == label.shape[0] - 1:
+            pad[rows[0]:] = True
+        if pad.any():
+            found += 1
+            np.testing.assert_allclose(image[:, pad.reshape(-1)], np.broadcast_to(black, (3, int(pad.sum()))),
+                                       atol=1e-5)
+    assert found > 0
+
+
+def test_label_mapping_and_weights_equal_the_original():
+    raw_to_train = MAPPING["raw_to_train"]
+    ours = convert_label(np.arange(256), ignore_label=IGNORE)
+    # the original leaves ids 34..254 as they are (they never occur in labelIds files); the rest agree
+    for raw in list(range(34)) + [255]:
+        assert ours[raw] == raw_to_train[raw], raw
+    assert raw_to_train[34:255] == list(range(34, 255))
+    assert list(CITYSCAPES_CLASS_WEIGHTS) == pytest.approx(MAPPING["class_weights"], rel=1e-6)
 
 
 def test_dataloader_batches(cityscapes_root):
