@@ -177,6 +177,20 @@ def adopt_slurm_env(environ: Optional[MutableMapping[str, str]] = None) -> bool:
     return True
 
 
+def launcher_name(environ: Optional[Mapping[str, str]] = None) -> str:
+    """Which launcher started this process, for the log: "torchrun" (also the legacy launcher, which runs on
+    torchrun's agent), "srun" (after :func:`adopt_slurm_env`), "environment" (RANK/WORLD_SIZE set by hand or by
+    another tool) or "none" (a single process)."""
+    environ = os.environ if environ is None else environ
+    if "TORCHELASTIC_RUN_ID" in environ:
+        return "torchrun"
+    if int(environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return "none"
+    from_slurm = ("SLURM_STEP_ID" in environ or "SLURM_STEPID" in environ) and \
+        environ.get("RANK") == environ.get("SLURM_PROCID")
+    return "srun" if from_slurm else "environment"
+
+
 def requeue_job(environ: Optional[Mapping[str, str]] = None,
                 run: Callable[..., subprocess.CompletedProcess] = subprocess.run) -> bool:
     """Asks SLURM to put this job back in the queue (``scontrol requeue SLURM_JOB_ID``).

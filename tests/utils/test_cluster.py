@@ -172,3 +172,13 @@ def test_requeue_outside_slurm_or_refused_reports_false(caplog):
     assert cluster.requeue_job({"SLURM_JOB_ID": "5"}, run=FakeRun(returncode=1)) is False
     assert "Invalid job id" in caplog.text
     assert cluster.requeue_job({"SLURM_JOB_ID": "5"}, run=FakeRun(error=FileNotFoundError("scontrol"))) is False
+
+
+def test_the_launcher_is_named_for_the_log():
+    assert cluster.launcher_name({}) == "none"
+    assert cluster.launcher_name({"WORLD_SIZE": "1"}) == "none"
+    assert cluster.launcher_name({"TORCHELASTIC_RUN_ID": "x", "RANK": "0", "WORLD_SIZE": "2"}) == "torchrun"
+    env = srun_task(1, 2, 1)
+    assert cluster.launcher_name(env) == "none"  # before the translation
+    assert cluster.adopt_slurm_env(env) is True and cluster.launcher_name(env) == "srun"
+    assert cluster.launcher_name({"RANK": "1", "WORLD_SIZE": "2"}) == "environment"
