@@ -144,7 +144,7 @@ def check_shared_folder(path: str, timeout_s: float = 20.0) -> None:
     a random token into it; every other rank looks for that file (polling for up to ``timeout_s`` seconds, since
     network filesystems may show a new file to other clients after a delay); the answers are gathered, rank 0
     removes the file, and then every rank raises the same error when one of them did not see it, so that no rank
-    waits for the others in a later collective.
+    waits for the others in a later collective. Every rank returns after the file is removed.
 
     Args:
         path: the folder to check (as this rank sees it).
@@ -170,6 +170,7 @@ def check_shared_folder(path: str, timeout_s: float = 20.0) -> None:
             os.remove(name)
         except OSError:
             pass
+    barrier()  # no rank goes on while the file is still there
     blind = [f"rank {rank} on {host}" for rank, host, ok in answers if not ok]
     if blind:
         raise SharedFolderError(

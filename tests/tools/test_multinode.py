@@ -233,7 +233,7 @@ def test_the_slurm_templates_train_like_one_node(kit, tmp_path):
     _launch_nodes(kit, tmp_path, "one_node", _one_node(),
                   [os.path.join("tools", "cls_train.py"), "--cfg", kit.FASHION_CFG] + opts("one"))
     output, calls, job_id = _sbatch(kit, tmp_path, "torchrun", "train.sbatch", 1, opts("torchrun"),
-                                    signal_when="Epoch: [0][0/2]")
+                                    signal_when="2 process(es)")
     assert f"rendezvous localhost:{12000 + job_id % 20000}" in output
     assert "SIGUSR1: asking the training processes to save and stop" in output
     assert calls == [f"scancel --signal=USR1 {job_id}", f"scontrol requeue {job_id}"]
