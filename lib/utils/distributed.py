@@ -151,17 +151,23 @@ def check_shared_folder(path: str, timeout_s: float = 20.0) -> None:
         timeout_s: how long a rank waits for the file to appear.
 
     Raises:
-        SharedFolderError: on every rank, when some rank does not see rank 0's file.
+        SharedFolderError: on every rank, when some rank does not see rank 0's file or rank 0 cannot write it.
     """
     if not is_distributed():
         return
-    token = None
+    token, problem = None, None
     if is_main_process():
-        os.makedirs(path, exist_ok=True)
         token = uuid.uuid4().hex
-        with open(os.path.join(path, f".shared-check-{token}"), "w") as fh:
-            fh.write(token)
-    token = broadcast_object(token)
+        try:
+            os.makedirs(path, exist_ok=True)
+            with open(os.path.join(path, f".shared-check-{token}"), "w") as fh:
+                fh.write(token)
+        except OSError as exc:  # told to every rank, so that none of them waits for rank 0
+            problem = f"cannot write into the output folder {path} ({exc.strerror or exc}); check the path and " \
+                      f"its permissions"
+    token, problem = broadcast_object((token, problem))
+    if problem is not None:
+        raise SharedFolderError(problem)
     name = os.path.join(path, f".shared-check-{token}")
     seen = is_main_process() or _wait_for_token(path, name, token, timeout_s)
     answers = all_gather_object((get_rank(), socket.gethostname(), seen))

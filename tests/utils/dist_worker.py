@@ -4,7 +4,8 @@ task (SLURM_* variables only, no RANK/WORLD_SIZE) or the way torchrun does.
     python dist_worker.py RESULT_DIR SHARED_DIR PRIVATE_DIR
 
 Joins the process group through ``mdeq.utils.distributed`` alone, runs a few collectives and the shared-folder
-check twice (on a folder both processes see, then on PRIVATE_DIR/node<R>, a folder of its own), and writes what it saw
+check three times (on a folder both processes see, on PRIVATE_DIR/node<R>, a folder of its own, and on a folder
+that cannot be created), and writes what it saw
 to RESULT_DIR/rank<R>.json.
 """
 import json
@@ -42,13 +43,18 @@ def main(result_dir: str, shared: str, private: str) -> None:
         private_error = None
     except du.SharedFolderError as exc:
         private_error = str(exc)
-    du.barrier()  # still in step with each other after the error: the group works
+    try:  # a folder rank 0 cannot create: PRIVATE_DIR/blocker is a file
+        du.check_shared_folder(os.path.join(private, "blocker", "out"), timeout_s=1.0)
+        unwritable_error = None
+    except du.SharedFolderError as exc:
+        unwritable_error = str(exc)
+    du.barrier()  # still in step with each other after the errors: the group works
     result = {
         "started": started, "rank": rank, "world": world, "local_rank": local,
         "env": {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")},
         "sum": summed, "gathered": gathered, "broadcast": token, "sync_bn_ran": sync_bn_ran,
         "sync_bn_supported": du.sync_batchnorm_supported(device), "shared_left": shared_left,
-        "private_error": private_error,
+        "private_error": private_error, "unwritable_error": unwritable_error,
     }
     du.cleanup()
     with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as fh:

@@ -98,6 +98,7 @@ def _run_pair(tmp_path, envs):
     results, shared, private = tmp_path / "results", tmp_path / "shared", tmp_path / "private"
     for folder in (results, shared, private):
         folder.mkdir()
+    (private / "blocker").write_text("a file where a folder should be")
     procs = [subprocess.Popen([sys.executable, WORKER, str(results), str(shared), str(private)], cwd=REPO, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for env in envs]
     outputs = []
@@ -136,7 +137,11 @@ def _check_pair(results, shared, private):
                f"sees" in error
         assert "rank 1 on" in error and "rank 0 on" not in error
         assert error.endswith("put OUTPUT_DIR/LOG_DIR on a shared filesystem")
+        # rank 0 cannot create the folder: every rank gets its error instead of waiting for rank 0
+        assert r["unwritable_error"].startswith(
+            f"cannot write into the output folder {os.path.join(str(private), 'blocker', 'out')} (")
     assert os.listdir(shared) == [] and os.listdir(private / "node0") == []  # rank 0 cleaned up both
+    assert sorted(os.listdir(private)) == ["blocker", "node0"]
     assert not (private / "node1").exists()  # only rank 0 creates the folder
 
 
@@ -164,6 +169,7 @@ def test_the_same_checks_under_torchrun(tmp_path):
     results, shared, private = tmp_path / "results", tmp_path / "shared", tmp_path / "private"
     for folder in (results, shared, private):
         folder.mkdir()
+    (private / "blocker").write_text("a file where a folder should be")
     env = _base_env()
     env.update({"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_STEP_ID": "0", "SLURM_JOB_ID": "1"})  # ignored
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
