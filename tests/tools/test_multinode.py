@@ -149,7 +149,8 @@ exit $status
 """
 FAKE_SCONTROL = r"""#!/bin/bash
 if [ "$1 $2" = "show hostnames" ]; then
-  "$FAKE_PYTHON" -c "import sys; from mdeq.utils.cluster import expand_nodelist; print('\n'.join(expand_nodelist(sys.argv[1])))" "$3"
+  "$FAKE_PYTHON" -c "import sys; from mdeq.utils.cluster import expand_nodelist as e; print(*e(sys.argv[1]), sep='\n')" \
+      "$3"
 else
   echo "scontrol $*" >> "$FAKE_RECORD"
 fi

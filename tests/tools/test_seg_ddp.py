@@ -65,8 +65,8 @@ def cityscapes(tmp_path_factory):
 
 def _opts(cityscapes, tmp_path, name, train_list, extra=()):
     return rel.SEG_TINY + GLOBAL_BATCH_OF_TWO + [
-        "DATASET.ROOT", cityscapes["root"], "DATASET.TRAIN_SET", train_list, "OUTPUT_DIR", str(tmp_path / f"{name}_out"),
-        "LOG_DIR", str(tmp_path / f"{name}_log"), "TRAIN.END_EPOCH", "2", "DETERMINISTIC", "True"] + list(extra)
+        "DATASET.ROOT", cityscapes["root"], "DATASET.TRAIN_SET", train_list,
+        "OUTPUT_DIR", str(tmp_path / f"{name}_out"), "LOG_DIR", str(tmp_path / f"{name}_log"), "TRAIN.END_EPOCH", "2", "DETERMINISTIC", "True"] + list(extra)
 
 
 def _run(tmp_path, name, args, timeout=300, **env):
