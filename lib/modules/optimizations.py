@@ -13,7 +13,7 @@ import logging
 import math
 import os
 import sys
-from typing import Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -80,6 +80,10 @@ class WNConv2d(nn.Module):
     original project's checkpoints use. ``refresh()`` computes the normalised kernel once (with autograd, so
     gradients reach g and v); every later call of ``forward`` reuses it until the next ``refresh()``. Without a
     refresh the kernel is computed on the fly, so the module also works on its own.
+
+    The cached kernel is a non-leaf tensor that carries the autograd graph of the last forward pass, which
+    ``copy.deepcopy`` refuses to copy. Copies and pickles (``copy.deepcopy(model)`` for an EMA or SWA model,
+    ``torch.save(model)``) therefore leave the cache out: a copy computes its kernel afresh, from its own g and v.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: _Pair, stride: _Pair = 1,
@@ -111,6 +115,12 @@ class WNConv2d(nn.Module):
     def weight(self) -> torch.Tensor:
         return self._weight if self._weight is not None else self.compute_weight()
 
+    def __getstate__(self) -> Dict[str, Any]:
+        """The module's attributes for ``copy.deepcopy`` and pickle, without the cached kernel."""
+        state = self.__dict__.copy()
+        state["_weight"] = None
+        return state
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding)
 
@@ -132,13 +142,20 @@ class VariationalDropout2d(nn.Module):
     """Dropout with one mask per sample and channel, shared by every pixel and every call of one forward pass.
 
     ``reset_mask(x)`` draws a new (B, C, 1, 1) mask scaled by 1 / (1 - p); ``forward`` multiplies by it. In eval
-    mode, or with p = 0, it is the identity.
+    mode, or with p = 0, it is the identity. Like the cached kernel of :class:`WNConv2d`, the mask belongs to one
+    forward pass and is left out of copies and pickles.
     """
 
     def __init__(self, dropout: float = 0.0) -> None:
         super().__init__()
         self.dropout = float(dropout)
         self.mask: Optional[torch.Tensor] = None
+
+    def __getstate__(self) -> Dict[str, Any]:
+        """The module's attributes for ``copy.deepcopy`` and pickle, without the mask of the last forward pass."""
+        state = self.__dict__.copy()
+        state["mask"] = None
+        return state
 
     def reset_mask(self, shape: torch.Size, device: torch.device, dtype: torch.dtype) -> None:
         """Draws the mask for a state of shape (B, C, H, W)."""
