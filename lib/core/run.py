@@ -17,6 +17,7 @@ from yacs.config import CfgNode as CN
 from mdeq.config import check_config, get_default_config, update_config
 from mdeq.modules.optimizations import tune_cpu_allocator
 from mdeq.utils import distributed as du
+from mdeq.utils.cluster import launcher_name
 from mdeq.utils.logging_utils import setup_logger
 
 logger = logging.getLogger(__name__)
@@ -70,6 +71,8 @@ def setup_run(args: argparse.Namespace, phase: str) -> RunContext:
     if du.is_main_process():
         os.makedirs(output_dir, exist_ok=True)
         os.makedirs(log_dir, exist_ok=True)
+    for folder in (output_dir, log_dir):  # several nodes must see the same folders (a clear error, not a hang)
+        du.check_shared_folder(folder)
     setup_logger(log_dir, phase, cfg_name)
     if device.type == "cpu":
         tune_cpu_allocator()  # keeps the solvers' large buffers in the heap; changes no result
@@ -84,6 +87,6 @@ def setup_run(args: argparse.Namespace, phase: str) -> RunContext:
     if du.is_main_process():
         with open(os.path.join(log_dir, f"{cfg_name}_{phase}_config.yaml"), "w") as fh:
             fh.write(cfg.dump())
-    logger.info("device %s, %d process(es), torch %s, %d CPU threads", device, du.get_world_size(),
-                torch.__version__, torch.get_num_threads())
+    logger.info("device %s, %d process(es) (launcher: %s), torch %s, %d CPU threads", device, du.get_world_size(),
+                launcher_name(), torch.__version__, torch.get_num_threads())
     return RunContext(cfg=cfg, device=device, cfg_name=cfg_name, output_dir=output_dir, log_dir=log_dir)

@@ -27,6 +27,7 @@ from yacs.config import CfgNode as CN
 from mdeq.core.data import BatchPlan, batch_plan, eval_loader, train_loader
 from mdeq.core.hooks import standard_hooks
 from mdeq.core.metrics import confusion_matrix, iou_from_confusion, reduce_confusion
+from mdeq.core.optim import original_epoch_iters
 from mdeq.core.run import RunContext, setup_run
 from mdeq.core.seg_criterion import build_criterion
 from mdeq.core.seg_inference import InferenceSettings, PredictionWriter, predict_labels, settings_from_cfg
@@ -162,14 +163,16 @@ class SegmentationTask(Task):
         weights = getattr(train_set, "class_weights", None)
         weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float32)
         self.criterion = build_criterion(cfg, weights).to(ctx.device)
+        # the original's poly schedule counted int(N / global batch) iterations an epoch, in both phases
+        iters = original_epoch_iters(len(train_set), plan.global_batch)
         self._phases = [Phase("main", cfg.TRAIN.END_EPOCH, train_loader(train_set, cfg, ctx.device, plan, cfg.PERCENT),
-                              cfg)]
+                              cfg, epoch_iters=iters)]
         if cfg.TRAIN.EXTRA_EPOCH > 0:
             extra = train_loader(get_seg_dataset(cfg, "extra_train"), cfg, ctx.device, plan)
             self._phases.append(Phase("extra", cfg.TRAIN.END_EPOCH + cfg.TRAIN.EXTRA_EPOCH, extra,
                                       extra_phase_cfg(cfg),
                                       f"=> extra phase: {cfg.TRAIN.EXTRA_EPOCH} epochs on "
-                                      f"{cfg.DATASET.EXTRA_TRAIN_SET}, lr {cfg.TRAIN.EXTRA_LR:g}"))
+                                      f"{cfg.DATASET.EXTRA_TRAIN_SET}, lr {cfg.TRAIN.EXTRA_LR:g}", epoch_iters=iters))
         self.valid_loader = eval_loader(self.valid_set, cfg, ctx.device)
         self.settings = settings_from_cfg(cfg, training=True)
 

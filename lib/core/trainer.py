@@ -127,6 +127,8 @@ class Phase:
         data: the phase's training loader.
         cfg: the config its optimizer and schedule are built from.
         start_message: logged when the run enters the phase from an earlier one.
+        epoch_iters: for the ``poly`` schedule, the original's count of iterations per epoch (None: the steps
+            of an epoch); see :func:`mdeq.core.optim.original_epoch_iters`.
     """
 
     name: str
@@ -134,6 +136,7 @@ class Phase:
     data: TrainData
     cfg: CN
     start_message: str = ""
+    epoch_iters: Optional[int] = None
 
 
 class SolverMeter:
@@ -346,7 +349,7 @@ class Trainer:
 
     def _build_optimizer(self, phase: Phase):
         optimizer = build_optimizer(phase.cfg, self.model)
-        return optimizer, build_scheduler(phase.cfg, optimizer, phase.data.schedule_steps)
+        return optimizer, build_scheduler(phase.cfg, optimizer, phase.data.schedule_steps, phase.epoch_iters)
 
     def request_stop(self, reason: str) -> None:
         """Asks the run to stop at the next step boundary (after writing a resumable checkpoint)."""

@@ -213,15 +213,6 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
-def all_gather_object(obj) -> list:
-    """Every rank's ``obj``, in rank order (a collective: every rank must call it at the same point)."""
-    if not is_distributed():
-        return [obj]
-    gathered: list = [None] * get_world_size()
-    dist.all_gather_object(gathered, obj)
-    return gathered
-
-
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank when ``flag`` is true on at least one (a collective in several processes)."""
     if not is_distributed():
@@ -255,11 +246,11 @@ def wrap_model(model: torch.nn.Module, device: torch.device, sync_bn: bool = Fal
     if not is_distributed():
         return model
     if sync_bn:
-        if device.type == "cuda":
+        if sync_batchnorm_supported(device):
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            logger.info("BatchNorm statistics are synchronised across the %d processes (SyncBatchNorm)",
+            logger.info("BatchNorm: statistics synchronised across the %d processes (SyncBatchNorm, NCCL)",
                         get_world_size())
         else:
-            logger.info("BatchNorm statistics stay per process: SyncBatchNorm needs NCCL on CUDA devices")
+            logger.info("BatchNorm: per-process statistics (SyncBatchNorm needs CUDA with NCCL)")
     ids = [device.index] if device.type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, output_device=ids[0] if ids else None)
