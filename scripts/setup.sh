@@ -81,7 +81,7 @@ if [ ! -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz ]; then
     say "note: Debian's dataset-fashion-mnist was not installed (no apt-get, no sudo, or apt failed); the code downloads Fashion-MNIST into DATASET.ROOT on first use"
   fi
 fi
-if [ "$(.venv/bin/python -c 'import sys; print(sys.prefix)' 2>/dev/null)" = "$("$PY" -c 'import sys; print(sys.prefix)')" ]; then
+if [ "$(.venv/bin/python -c 'import os, sys; print(os.path.realpath(sys.prefix))' 2>/dev/null)" = "$("$PY" -c 'import os, sys; print(os.path.realpath(sys.prefix))')" ]; then
   say "done: run the tools and tests with .venv/bin/python (or activate it: source .venv/bin/activate)"
 else
   say "done: run the tools and tests with $PY"
