@@ -184,3 +184,13 @@ def test_evaluation_command_outside_a_clone_uses_the_module_and_the_shipped_name
         "python -m mdeq.tools.seg_test --cfg cityscapes/seg_mdeq_SMALL.yaml --testModel w.pkl")
     assert pretrained.evaluation_command(entry, "w.pkl", in_clone=True) == (
         "python tools/seg_test.py --cfg experiments/cityscapes/seg_mdeq_SMALL.yaml --testModel w.pkl")
+
+
+def test_readmes_list_every_released_file():
+    with open(os.path.join(REPO, "README.md")) as fh:
+        readme = fh.read()
+    with open(os.path.join(REPO, "pretrained_models", "README.md")) as fh:
+        folder_readme = fh.read()
+    for entry in pretrained.RELEASED.values():
+        assert f"| `{entry.name}` |" in readme and f"`{entry.cfg}`" in readme
+        assert entry.page_url.split("?")[0] in folder_readme
