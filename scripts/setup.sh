@@ -46,12 +46,12 @@ else
   CREATOR="${PYTHON:-python3}"
   command -v "$CREATOR" >/dev/null 2>&1 || { say "error: $CREATOR not found; install Python 3.9 or newer, or name one with PYTHON=/path/to/python3"; exit 1; }
   if [ -L .venv ]; then rm .venv; fi                   # a link left by an earlier run inside another environment
-  if ! .venv/bin/python -c "" >/dev/null 2>&1; then
+  if ! .venv/bin/python -m pip --version >/dev/null 2>&1; then   # missing, or broken (e.g. made without pip)
     rm -rf .venv
     if ! "$CREATOR" -m venv .venv >/dev/null 2>&1; then
       rm -rf .venv
       VENV_PKG="$("$CREATOR" -c 'import sys; print("python%d.%d-venv" % sys.version_info[:2])')"
-      say "$CREATOR cannot create a virtual environment (its venv module is missing); installing $VENV_PKG"
+      say "$CREATOR -m venv failed (on Debian and Ubuntu its venv module is the package $VENV_PKG); installing $VENV_PKG"
       if ! apt_install "$VENV_PKG" || ! "$CREATOR" -m venv .venv >/dev/null 2>&1; then
         rm -rf .venv
         say "error: could not install $VENV_PKG; install it (sudo apt-get install $VENV_PKG) and run this script again"
