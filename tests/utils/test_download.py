@@ -144,7 +144,7 @@ def test_a_web_page_instead_of_the_file_points_to_the_browser_and_verify(tmp_pat
         server.server_close()
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "web page" in err
-    assert pretrained.RELEASED[NAME].page_url in err and f"--verify PATH" in err
+    assert pretrained.RELEASED[NAME].page_url in err and "--verify PATH" in err
     assert os.listdir(tmp_path) == []
 
 
