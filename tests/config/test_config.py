@@ -186,3 +186,30 @@ def test_two_different_values_for_one_cap_are_an_error():
     cfg.MODEL.F_THRES, cfg.DEQ.F_THRES = 12, 14
     with pytest.raises(ConfigError, match=r"MODEL.F_THRES is 12 but DEQ.F_THRES is 14: .* set only one"):
         check_config(cfg)
+
+
+ORIGINAL_YAMLS = [p for p in EXPERIMENTS if "fashion_mnist" not in p and not p.endswith("_reg.yaml")]
+REG_YAMLS = [p for p in EXPERIMENTS if p.endswith("_reg.yaml")]
+FM_YAMLS = [p for p in EXPERIMENTS if "fashion_mnist" in p]
+ORIGINAL_CHOICES = dict(stop_scope="batch", stall=30, keep_start=True, adjoint_init="zeros", adjoint_at="f_z",
+                        b_thres=None, f_eps=None, b_eps=None, jac_vecs=2, pretrain_jac_at="detached")
+VISION_CHOICES = dict(stop_scope="batch", stall=30, keep_start=False, adjoint_init="zeros", adjoint_at="z",
+                      f_eps=1e-3, b_eps=1e-3, rand_f_thres_delta=2, rand_f_thres_mode="jac_steps", jac_vecs=2,
+                      pretrain_jac_at="detached")
+PROJECT_CHOICES = dict(stop_scope="sample", stall=0, keep_start=True, adjoint_init="grad", adjoint_at="z",
+                       b_thres=8, rand_f_thres_delta=0, rand_f_thres_mode="every_step", jac_vecs=1,
+                       pretrain_jac_at="last")
+
+
+@pytest.mark.parametrize("path,choices", [(p, ORIGINAL_CHOICES) for p in ORIGINAL_YAMLS]
+                         + [(p, VISION_CHOICES) for p in REG_YAMLS] + [(p, PROJECT_CHOICES) for p in FM_YAMLS],
+                         ids=[os.path.relpath(p, ROOT) for p in ORIGINAL_YAMLS + REG_YAMLS + FM_YAMLS])
+def test_each_shipped_yaml_selects_its_generations_solver_choices(path, choices):
+    from mdeq.models.mdeq import deq_kwargs
+
+    kwargs = deq_kwargs(check_config(load_config(path)))
+    assert {k: kwargs[k] for k in choices} == choices
+    overflow = "window" if path in FM_YAMLS else "circular"
+    assert kwargs["f_options"] == kwargs["b_options"] == {"memory": 27, "overflow": overflow}
+    if path in REG_YAMLS:
+        assert kwargs["b_thres"] == load_config(path).DEQ.B_THRES
