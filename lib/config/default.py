@@ -41,8 +41,8 @@ _C.MODEL.NUM_LAYERS = 5  # applications of f_theta in the weight-tied unrolled (
 _C.MODEL.NUM_GROUPS = 4  # GroupNorm groups inside f_theta (post-fusion norms use NUM_GROUPS // 2)
 _C.MODEL.DROPOUT = 0.0  # variational dropout rate inside f_theta; one mask per forward pass
 _C.MODEL.NUM_CLASSES = 1000  # classifier outputs (classification)
-_C.MODEL.F_THRES = 30  # forward solver iteration cap (original key; alias of DEQ.F_THRES, see config.aliases)
-_C.MODEL.B_THRES = 40  # backward solver iteration cap (original key; alias of DEQ.B_THRES, see config.aliases)
+_C.MODEL.F_THRES = 30  # forward solver iteration cap (original key; alias of DEQ.F_THRES, see mdeq.config.resolve_alias)
+_C.MODEL.B_THRES = 40  # backward solver iteration cap (original key; alias of DEQ.B_THRES, see mdeq.config.resolve_alias)
 _C.MODEL.DOWNSAMPLE_TIMES = 2  # stride-2 convolutions in the stem (0, 1 or 2)
 _C.MODEL.EXPANSION_FACTOR = 5  # width multiplier of the first convolution of each residual block
 _C.MODEL.TAG_PER_JOINT = True  # unused (pose-estimation leftover)
@@ -76,8 +76,8 @@ _C.DEQ = CN()
 _C.DEQ.F_SOLVER = "broyden"  # forward solver: broyden, lbroyden, anderson, fixed_point
 _C.DEQ.B_SOLVER = "broyden"  # backward (adjoint) solver: broyden, lbroyden, anderson, fixed_point
 _C.DEQ.STOP_MODE = "abs"  # residual used for stopping: "abs" ||f(z)-z|| or "rel" ||f(z)-z|| / ||f(z)||
-_C.DEQ.F_THRES = 30  # forward iteration cap (second-generation key; alias of MODEL.F_THRES, see config.aliases)
-_C.DEQ.B_THRES = 40  # backward iteration cap (second-generation key; alias of MODEL.B_THRES, see config.aliases)
+_C.DEQ.F_THRES = 30  # forward iteration cap (second-generation key; alias of MODEL.F_THRES, see mdeq.config.resolve_alias)
+_C.DEQ.B_THRES = 40  # backward iteration cap (second-generation key; alias of MODEL.B_THRES, see mdeq.config.resolve_alias)
 _C.DEQ.B_CAP = "forward"  # backward cap: "forward" (original: the forward cap, B_THRES unused) or "b_thres"
 _C.DEQ.F_EPS = -1.0  # forward tolerance; -1: abs 1e-5*sqrt(N) (N = B*D batch scope, D sample scope), rel 1e-3
 _C.DEQ.B_EPS = -1.0  # backward tolerance; -1: abs 2e-10*sqrt(N) (N as for F_EPS), rel 1e-3
@@ -88,12 +88,10 @@ _C.DEQ.ADJOINT_INIT = "zeros"  # adjoint solve starts at "zeros" (originals) or 
 _C.DEQ.ADJOINT_AT = "f_z"  # Jacobian of the adjoint solve at "f_z" = f(z*) (original) or at "z" = z* (second gen.)
 _C.DEQ.EVAL_F_THRES = 0  # forward iteration cap at evaluation; 0 uses F_THRES
 _C.DEQ.RAND_F_THRES_DELTA = 0  # in training, draw the forward cap at random (see RAND_F_THRES_MODE); 0: fixed
-_C.DEQ.RAND_F_THRES_MODE = "jac_steps"  # "jac_steps": Jacobian-loss steps only, F_THRES-delta..+1 (second gen.);
-# "every_step": every training step, F_THRES-delta..F_THRES+delta
+_C.DEQ.RAND_F_THRES_MODE = "jac_steps"  # "jac_steps": on Jacobian-loss steps, cap-delta..cap+1; "every_step": +-delta
 _C.DEQ.SPECTRAL_RADIUS_MODE = False  # estimate the spectral radius of df/dz at z* during evaluation (slow)
 _C.DEQ.LBROYDEN_MEM = 27  # rank-one updates Broyden keeps (original: 27; what happens past it: LBROYDEN_OVERFLOW)
-_C.DEQ.LBROYDEN_OVERFLOW = "circular"  # past LBROYDEN_MEM updates: "circular" (original: newest overwrites the
-# oldest, the others stay), "window" (rebuild from the newest MEM pairs), "restart" (drop all)
+_C.DEQ.LBROYDEN_OVERFLOW = "circular"  # past LBROYDEN_MEM: "circular" (original), "window" (newest pairs), "restart"
 _C.DEQ.ANDERSON_M = 5  # history size of Anderson acceleration
 _C.DEQ.ANDERSON_BETA = 1.0  # mixing parameter of Anderson acceleration
 _C.DEQ.ANDERSON_LAM = 1e-4  # Tikhonov regularisation of Anderson's least-squares system
@@ -117,8 +115,7 @@ _C.LOSS.JAC_LOSS_FREQ = 0.0  # probability that a training step computes the Jac
 _C.LOSS.JAC_INCREMENTAL = 0  # in equilibrium mode the Jacobian weight grows by 0.1 every this many steps (0: constant)
 _C.LOSS.PRETRAIN_JAC_LOSS_WEIGHT = 0.0  # weight of the Jacobian regulariser during unrolled pretraining
 _C.LOSS.JAC_LOSS_VECS = 2  # random probe vectors of the Jacobian-loss estimate (second generation: 2)
-_C.LOSS.PRETRAIN_JAC_AT = "detached"  # unrolled mode: Jacobian loss at a "detached" copy of the last state (second
-# generation: one extra f call) or at the "last" application of f
+_C.LOSS.PRETRAIN_JAC_AT = "detached"  # unrolled: Jacobian loss at a "detached" copy of the last state or the "last" f
 _C.LOSS.JAC_STOP_EPOCH = 100000  # no Jacobian loss from this epoch on
 
 # -------------------------------------------------------------------------------------------------- dataset

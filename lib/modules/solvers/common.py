@@ -300,8 +300,9 @@ class SolveMonitor:
         Returns:
             ``(z, stats)`` with ``z`` of shape (B, D) and ``stats`` holding ``nstep`` (B,) long,
             ``best_step`` (B,) long, ``abs_res`` (B,), ``rel_res`` (B,), ``diverged`` (B,) bool,
-            ``converged`` (B,) bool, ``stalled`` (B,) bool, ``nfev`` int and ``trace``, a list of (B,) tensors: the stop-mode
-            residual at iteration 0, 1, ... (a stopped sample repeats its best residual).
+            ``converged`` (B,) bool, ``stalled`` (B,) bool, ``nfev`` int and ``trace``, a list of (B,)
+            tensors: the stop-mode residual at iteration 0, 1, ... (a stopped sample repeats its best
+            residual; with ``scope="batch"`` every entry is the batch's residual).
         """
         stats: Dict[str, Any] = {
             "nstep": self.nstep,
