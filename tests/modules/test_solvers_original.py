@@ -95,3 +95,24 @@ def test_batch_scope_on_the_accelerator_path(monkeypatch):
                            scope="batch", stall=30, keep_start=True, check_every=4)
         assert stats["best_step"].tolist() == [case["lowest_step"]] * 3
         assert _rel(z, case["result"]) < 1e-6
+
+
+@pytest.mark.parametrize("name", ["broyden", "lbroyden", "anderson", "fixed_point"])
+def test_every_solver_stops_the_batch_as_a_whole(name):
+    from mdeq.modules.solvers import get_solver
+
+    solver = get_solver(name)
+    scale = torch.tensor([0.05, 0.5, 0.9], dtype=torch.float64)[:, None]  # easy, medium and hard samples
+
+    def f(z):
+        return scale * torch.tanh(z) + 1.0
+
+    x0 = torch.zeros(3, 5, dtype=torch.float64)
+    tol = 1e-6
+    z_b, batch = solver(f, x0, 60, tol * 3 ** 0.5, "abs", scope="batch")
+    z_s, sample = solver(f, x0, 60, tol, "abs", scope="sample")
+    assert len(set(batch["nstep"].tolist())) == 1 and len(set(batch["best_step"].tolist())) == 1
+    assert len(set(sample["nstep"].tolist())) > 1  # alone, the easy sample stops first
+    assert float((f(z_b) - z_b).norm()) < tol * 3 ** 0.5  # the batch's residual is below the batch tolerance
+    _, late = solver(f, x0, 60, 1e-300, "abs", scope="batch", keep_start=False)
+    assert int(late["best_step"][0]) >= 1
