@@ -7,7 +7,7 @@ import torch
 from yacs.config import CfgNode as CN
 
 from .default import get_default_config
-from .loader import ConfigError, _coerce
+from .loader import ConfigError, _coerce, resolve_alias
 
 
 def _check_types(cfg: CN, ref: CN, prefix: str, errors: List[str]) -> None:
@@ -32,16 +32,6 @@ def _check_types(cfg: CN, ref: CN, prefix: str, errors: List[str]) -> None:
             errors.append(f"unknown config key {prefix + key}")
 
 
-def _names(kind: str) -> List[str]:
-    if kind == "solver":
-        from mdeq.modules.solvers import SOLVERS
-
-        return sorted(SOLVERS)
-    from mdeq.core import optim
-
-    return sorted(optim.OPTIMIZERS if kind == "optimizer" else optim.SCHEDULERS)
-
-
 def _choice(errors: List[str], key: str, value: Any, valid: List[str]) -> None:
     if str(value).lower() not in valid:
         errors.append(f"config key {key}: unknown name {value!r}; valid names are {', '.join(valid)}")
@@ -50,8 +40,10 @@ def _choice(errors: List[str], key: str, value: Any, valid: List[str]) -> None:
 def check_config(cfg: CN) -> CN:
     """Validates cfg and returns it; raises ConfigError listing every problem found.
 
-    Checks value types against the defaults, consistent branch lists, GroupNorm divisibility, solver /
-    optimizer / scheduler names, positive thresholds, tolerances and batch sizes.
+    Checks value types against the defaults, consistent branch lists, GroupNorm divisibility, the values of
+    the keys whose choices are fixed here, positive thresholds, tolerances and batch sizes. Names that select
+    an implementation from a registry of a higher floor (DEQ.F_SOLVER / B_SOLVER, TRAIN.OPTIMIZER /
+    LR_SCHEDULER) are checked where they are built (``mdeq.models.mdeq.deq_kwargs``, ``mdeq.core.optim``).
     """
     errors: List[str] = []
     _check_types(cfg, get_default_config(), "", errors)
@@ -108,12 +100,24 @@ def check_config(cfg: CN) -> CN:
         for section in ("MODEL", "DEQ"):
             if cfg[section][key] <= 0:
                 errors.append(f"{section}.{key} must be a positive number of iterations, got {cfg[section][key]}")
+        try:
+            resolve_alias(cfg, key)
+        except ConfigError as exc:
+            errors.append(str(exc))
+    try:
+        f_cap = resolve_alias(cfg, "F_THRES")
+    except ConfigError:  # already reported above
+        f_cap = cfg.DEQ.F_THRES
     if cfg.DEQ.EVAL_F_THRES < 0:
         errors.append(f"DEQ.EVAL_F_THRES must be 0 (use F_THRES) or positive, got {cfg.DEQ.EVAL_F_THRES}")
     for key in ("F_EPS", "B_EPS"):
         if cfg.DEQ[key] != -1.0 and cfg.DEQ[key] <= 0:
             errors.append(f"DEQ.{key} must be positive (or -1 for the original's tolerance), got {cfg.DEQ[key]}")
-    if cfg.DEQ.RAND_F_THRES_DELTA < 0 or cfg.DEQ.RAND_F_THRES_DELTA >= cfg.DEQ.F_THRES:
+    if cfg.DEQ.STALL_STEPS < 0:
+        errors.append(f"DEQ.STALL_STEPS must be 0 (off) or positive, got {cfg.DEQ.STALL_STEPS}")
+    if cfg.LOSS.JAC_LOSS_VECS < 1:
+        errors.append(f"LOSS.JAC_LOSS_VECS must be at least 1, got {cfg.LOSS.JAC_LOSS_VECS}")
+    if cfg.DEQ.RAND_F_THRES_DELTA < 0 or cfg.DEQ.RAND_F_THRES_DELTA >= f_cap:
         errors.append(f"DEQ.RAND_F_THRES_DELTA must be in [0, F_THRES), got {cfg.DEQ.RAND_F_THRES_DELTA}")
     if cfg.DEQ.LBROYDEN_MEM < 1:
         errors.append(f"DEQ.LBROYDEN_MEM must be at least 1, got {cfg.DEQ.LBROYDEN_MEM}")
@@ -125,13 +129,13 @@ def check_config(cfg: CN) -> CN:
         errors.append(f"DEQ.PHANTOM_STEPS must be at least 1, got {cfg.DEQ.PHANTOM_STEPS}")
     if not 0.0 < cfg.DEQ.PHANTOM_TAU <= 1.0:
         errors.append(f"DEQ.PHANTOM_TAU must be in (0, 1], got {cfg.DEQ.PHANTOM_TAU}")
-    solvers = _names("solver")
-    _choice(errors, "DEQ.F_SOLVER", cfg.DEQ.F_SOLVER, solvers)
-    _choice(errors, "DEQ.B_SOLVER", cfg.DEQ.B_SOLVER, solvers)
-    _choice(errors, "DEQ.STOP_MODE", cfg.DEQ.STOP_MODE, ["abs", "rel"])
-    _choice(errors, "DEQ.BACKWARD", cfg.DEQ.BACKWARD, ["implicit", "phantom"])
-    _choice(errors, "TRAIN.OPTIMIZER", cfg.TRAIN.OPTIMIZER, _names("optimizer"))
-    _choice(errors, "TRAIN.LR_SCHEDULER", cfg.TRAIN.LR_SCHEDULER, _names("scheduler"))
+    for key, valid in (("STOP_MODE", ["abs", "rel"]), ("BACKWARD", ["implicit", "phantom"]),
+                       ("B_CAP", ["forward", "b_thres"]), ("STOP_SCOPE", ["batch", "sample"]),
+                       ("ADJOINT_INIT", ["zeros", "grad"]), ("ADJOINT_AT", ["f_z", "z"]),
+                       ("RAND_F_THRES_MODE", ["jac_steps", "every_step"]),
+                       ("LBROYDEN_OVERFLOW", ["circular", "window", "restart"])):
+        _choice(errors, "DEQ." + key, cfg.DEQ[key], valid)
+    _choice(errors, "LOSS.PRETRAIN_JAC_AT", cfg.LOSS.PRETRAIN_JAC_AT, ["detached", "last"])
     _choice(errors, "DEVICE", cfg.DEVICE, ["auto", "cpu", "cuda"])
 
     if cfg.MODEL.COMPILE and not hasattr(torch, "compile"):

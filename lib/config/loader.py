@@ -11,7 +11,8 @@ import yaml
 from yacs.config import CfgNode as CN
 
 # Keys that exist twice: the original files name the solver caps under MODEL, the second generation under DEQ.
-# Whichever the files and options set last wins, and both are kept equal.
+# This loader makes both equal, taking the one set last; a config merged some other way (yacs' own
+# merge_from_file, as the original's scripts do) is resolved by resolve_alias() where the value is used.
 ALIASES = (("MODEL.F_THRES", "DEQ.F_THRES"), ("MODEL.B_THRES", "DEQ.B_THRES"))
 
 # Keys that take "true", "false" or "auto"; yaml and command-line booleans are accepted and stored as "true"/"false".
@@ -176,6 +177,32 @@ def _set(cfg: CN, key: str, value: Any) -> None:
     for part in parts[:-1]:
         node = node[part]
     node[parts[-1]] = value
+
+
+def resolve_alias(cfg: CN, name: str) -> Any:
+    """The value of an aliased key however the config was merged (``name``: "F_THRES" or "B_THRES").
+
+    Equal values are the value; otherwise the key that differs from its default wins (a yaml or a
+    ``merge_from_file`` set it). Two keys set to two different values are an error.
+
+    Raises:
+        ConfigError: MODEL.<name> and DEQ.<name> were both changed, to different values.
+    """
+    from .default import get_default_config
+
+    pair = [pair for pair in ALIASES if pair[0].endswith("." + name)]
+    if not pair:
+        raise KeyError(f"{name} is not an aliased key; aliased keys are {[p[0] for p in ALIASES]}")
+    first, second = pair[0]
+    a, b = _get(cfg, first), _get(cfg, second)
+    if a == b:
+        return a
+    default = get_default_config()
+    changed = [key for key in (first, second) if _get(cfg, key) != _get(default, key)]
+    if len(changed) == 1:
+        return _get(cfg, changed[0])
+    raise ConfigError(f"{first} is {a} but {second} is {b}: the two keys name the same iteration cap; set only one "
+                      f"of them (or both to the same value)")
 
 
 def resolve_aliases(cfg: CN, set_keys: Iterable[str]) -> None:

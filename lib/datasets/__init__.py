@@ -22,7 +22,7 @@ from .base_seg import BaseSegDataset, denormalize, normalize, resize_long_side
 from .cifar10 import build_cifar10
 from .cityscapes import (CITYSCAPES_CLASS_NAMES, CITYSCAPES_CLASS_WEIGHTS, CITYSCAPES_PALETTE, Cityscapes,
                          build_cityscapes, colorize, convert_label)
-from .common import CLS_DATASETS, SEG_DATASETS, BadFileError, canonical_name, resolve_root
+from .common import CLS_DATASETS, SEG_DATASETS, BadFileError, canonical_name, image_channels, resolve_root
 from .fashion_mnist import FashionMNIST, build_fashion_mnist
 from .imagenet import build_imagenet, class_folders, imagenet_split_dir
 
@@ -91,16 +91,15 @@ def dataset_info(cfg: CN) -> Dict[str, int]:
         ValueError: unknown dataset name.
     """
     name = canonical_name(cfg.DATASET.DATASET, CLS_DATASETS + SEG_DATASETS)
-    if name == "fashion_mnist":
-        return {"in_channels": 1, "num_classes": 10}
-    if name == "cifar10":
-        return {"in_channels": 3, "num_classes": 10}
+    channels = image_channels(name)
+    if name in ("fashion_mnist", "cifar10"):
+        return {"in_channels": channels, "num_classes": 10}
     if name == "imagenet":
         classes = class_folders(imagenet_split_dir(cfg, train=True))
         if not classes:
             logger.info("no ImageNet class folders found; taking num_classes from MODEL.NUM_CLASSES")
-        return {"in_channels": 3, "num_classes": len(classes) or int(cfg.MODEL.NUM_CLASSES)}
-    return {"in_channels": 3, "num_classes": int(cfg.DATASET.NUM_CLASSES)}
+        return {"in_channels": channels, "num_classes": len(classes) or int(cfg.MODEL.NUM_CLASSES)}
+    return {"in_channels": channels, "num_classes": int(cfg.DATASET.NUM_CLASSES)}
 
 
 __all__ = [

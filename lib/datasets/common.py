@@ -27,6 +27,16 @@ _ALIASES: Dict[str, str] = {
 
 README_HINT = "See data/README.md for the expected layout of every dataset."
 
+#: Image channels of the datasets whose images are not RGB (every other dataset has 3).
+NON_RGB_CHANNELS: Dict[str, int] = {"fashion_mnist": 1}
+
+
+def image_channels(name: str) -> int:
+    """Image channels of the dataset named ``name`` (as written in DATASET.DATASET, any spelling); 3 unless
+    :data:`NON_RGB_CHANNELS` lists it."""
+    canonical = _ALIASES.get(str(name).lower().replace("-", "_"), _ALIASES.get(str(name).lower()))
+    return NON_RGB_CHANNELS.get(canonical or "", 3)
+
 
 class BadFileError(ValueError):
     """An image or label file exists but cannot be decoded; the message names the file."""

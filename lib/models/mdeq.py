@@ -8,8 +8,10 @@ import torch.nn.functional as F
 from torch import nn
 from yacs.config import CfgNode as CN
 
+from mdeq.config import ConfigError, resolve_alias
+from mdeq.datasets.common import image_channels
 from mdeq.models.mdeq_core import MDEQNet
-from mdeq.modules.optimizations import tune_cpu_allocator
+from mdeq.modules.solvers import SOLVERS
 
 
 class Bottleneck(nn.Module):
@@ -78,13 +80,6 @@ class MDEQClsNet(MDEQNet):
         y = self.final_layer(y)
         return self.classifier(y.mean(dim=(2, 3)))
 
-    def forward(self, x: torch.Tensor, train_step: int = -1, compute_jac_loss: bool = False,
-                return_info: bool = False):
-        """Logits for a batch of images (B, C, H, W); with ``return_info`` also the solver info dict."""
-        ys, info = self.equilibrium(x, train_step, compute_jac_loss)
-        logits = self.head(ys)
-        return (logits, info) if return_info else logits
-
 
 class MDEQSegNet(MDEQNet):
     """MDEQ for segmentation: all resolutions upsampled to the highest, concatenated, and a 1x1 head.
@@ -111,39 +106,50 @@ class MDEQSegNet(MDEQNet):
         ups = [ys[0]] + [F.interpolate(y, size=size, mode="bilinear", align_corners=True) for y in ys[1:]]
         return self.last_layer(torch.cat(ups, dim=1))
 
-    def forward(self, x: torch.Tensor, train_step: int = -1, compute_jac_loss: bool = False,
-                return_info: bool = False):
-        """Logits (B, num_classes, H/4, W/4 with two stem downsamplings); optionally the info dict."""
-        ys, info = self.equilibrium(x, train_step, compute_jac_loss)
-        logits = self.head(ys)
-        return (logits, info) if return_info else logits
-
 
 def input_channels(cfg: CN) -> int:
-    """MODEL.IN_CHANNELS, or what the dataset provides (1 for Fashion-MNIST, else 3)."""
+    """MODEL.IN_CHANNELS, or what the dataset provides (see ``mdeq.datasets.common.image_channels``)."""
     if cfg.MODEL.IN_CHANNELS > 0:
         return int(cfg.MODEL.IN_CHANNELS)
-    name = cfg.DATASET.DATASET.lower().replace("-", "_")
-    return 1 if name in ("fashion_mnist", "fashionmnist", "mnist") else 3
+    return image_channels(cfg.DATASET.DATASET)
+
+
+def solver_name(cfg: CN, key: str) -> str:
+    """The registered solver named by DEQ.<key>; an unknown name is a ConfigError naming the key."""
+    value = str(cfg.DEQ[key]).lower()
+    if value not in SOLVERS:
+        raise ConfigError(f"config key DEQ.{key}: unknown name {cfg.DEQ[key]!r}; valid names are "
+                          f"{', '.join(sorted(SOLVERS))}")
+    return value
 
 
 def deq_kwargs(cfg: CN) -> Dict[str, Any]:
-    """The equilibrium-layer arguments of a config."""
+    """The equilibrium-layer arguments of a config.
+
+    The iteration caps are read through :func:`mdeq.config.resolve_alias`, so MODEL.F_THRES / B_THRES (the
+    original's keys) and DEQ.F_THRES / B_THRES give the same model however the config was merged (this
+    project's loader, or yacs' ``merge_from_file`` as in the original's scripts).
+    """
     d = cfg.DEQ
+    f_solver, b_solver = solver_name(cfg, "F_SOLVER"), solver_name(cfg, "B_SOLVER")
     f_options: Dict[str, Any] = {}
     b_options: Dict[str, Any] = {}
-    for name, options in ((d.F_SOLVER.lower(), f_options), (d.B_SOLVER.lower(), b_options)):
+    for name, options in ((f_solver, f_options), (b_solver, b_options)):
         if name in ("broyden", "lbroyden"):
-            options["memory"] = d.LBROYDEN_MEM
+            options.update(memory=d.LBROYDEN_MEM, overflow=d.LBROYDEN_OVERFLOW.lower())
         elif name == "anderson":
             options.update(m=d.ANDERSON_M, beta=d.ANDERSON_BETA, lam=d.ANDERSON_LAM)
-    return dict(f_solver=d.F_SOLVER.lower(), b_solver=d.B_SOLVER.lower(), f_thres=d.F_THRES, b_thres=d.B_THRES,
+    b_thres = resolve_alias(cfg, "B_THRES") if d.B_CAP.lower() == "b_thres" else None
+    return dict(f_solver=f_solver, b_solver=b_solver, f_thres=resolve_alias(cfg, "F_THRES"), b_thres=b_thres,
                 stop_mode=d.STOP_MODE.lower(), f_eps=d.F_EPS if d.F_EPS > 0 else None,
                 b_eps=d.B_EPS if d.B_EPS > 0 else None, eval_f_thres=d.EVAL_F_THRES or None,
-                rand_f_thres_delta=d.RAND_F_THRES_DELTA, backward=d.BACKWARD.lower(),
-                phantom_steps=d.PHANTOM_STEPS, phantom_tau=d.PHANTOM_TAU, f_options=f_options,
-                b_options=b_options, spectral_radius=d.SPECTRAL_RADIUS_MODE, warm_start=d.WARM_START,
-                check_every=d.CHECK_EVERY)
+                rand_f_thres_delta=d.RAND_F_THRES_DELTA, rand_f_thres_mode=d.RAND_F_THRES_MODE.lower(),
+                backward=d.BACKWARD.lower(), phantom_steps=d.PHANTOM_STEPS, phantom_tau=d.PHANTOM_TAU,
+                f_options=f_options, b_options=b_options, spectral_radius=d.SPECTRAL_RADIUS_MODE,
+                warm_start=d.WARM_START, check_every=d.CHECK_EVERY, stop_scope=d.STOP_SCOPE.lower(),
+                stall=d.STALL_STEPS, keep_start=d.KEEP_START, adjoint_init=d.ADJOINT_INIT.lower(),
+                adjoint_at=d.ADJOINT_AT.lower(), jac_vecs=cfg.LOSS.JAC_LOSS_VECS,
+                pretrain_jac_at=cfg.LOSS.PRETRAIN_JAC_AT.lower())
 
 
 def _trunk_kwargs(cfg: CN, bn_momentum: float, in_channels: Optional[int]) -> Dict[str, Any]:
@@ -156,7 +162,7 @@ def _trunk_kwargs(cfg: CN, bn_momentum: float, in_channels: Optional[int]) -> Di
                 fuse_gn_affine=cfg.MODEL.FUSE_GN_AFFINE, post_gn_affine=cfg.MODEL.POST_GN_AFFINE,
                 num_layers=cfg.MODEL.NUM_LAYERS, pretrain_steps=cfg.TRAIN.PRETRAIN_STEPS,
                 bn_momentum=cfg.MODEL.BN_MOMENTUM if cfg.MODEL.BN_MOMENTUM >= 0 else bn_momentum,
-                deq=deq_kwargs(cfg), channels_last=cfg.MODEL.CHANNELS_LAST)
+                deq=deq_kwargs(cfg), channels_last=False)  # MODEL.CHANNELS_LAST: _performance_options
 
 
 def get_cls_net(cfg: CN, in_channels: Optional[int] = None) -> MDEQClsNet:
@@ -170,11 +176,12 @@ def get_cls_net(cfg: CN, in_channels: Optional[int] = None) -> MDEQClsNet:
 
 
 def _performance_options(cfg: CN, model: MDEQNet) -> MDEQNet:
-    """Applies MODEL.CHANNELS_LAST and MODEL.COMPILE, and on the CPU the allocator setting of
-    :func:`mdeq.modules.optimizations.tune_cpu_allocator` (none of them changes what the model computes)."""
-    device = str(cfg.DEVICE).lower()
-    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
-        tune_cpu_allocator()
+    """Applies MODEL.CHANNELS_LAST (true, false or auto: a short probe picks the faster layout) and MODEL.COMPILE
+    (neither changes what the model computes).
+
+    The builder changes nothing outside the model: the process-wide allocator setting for CPU runs
+    (:func:`mdeq.modules.optimizations.tune_cpu_allocator`) is the run set-up's to apply.
+    """
     from mdeq.models.layout_probe import apply_layout_setting  # true / false / auto (probe)
 
     model = apply_layout_setting(cfg, model)

@@ -180,7 +180,9 @@ class MDEQModule(nn.Module):
         injection = injection if injection is not None else [None] * self.num_branches
         blocks = [self.branches[i](z[i], injection[i]) for i in range(self.num_branches)]
         if self.fuse_layers is None:
-            return [self.post_fuse_layers[0](blocks[0])]
+            # One resolution: nothing to fuse, and (as in the original) the post-fusion layers are skipped
+            # (their parameters exist, so that state dicts match the original's, but get no gradient).
+            return blocks
         out = []
         for i in range(self.num_branches):
             size = blocks[i].shape[-2:]
@@ -304,6 +306,25 @@ class MDEQNet(nn.Module):
             xs.append(torch.zeros((b, self.num_channels[i], h, w), dtype=x0.dtype, device=x0.device)
                       .contiguous(memory_format=fmt))
         return xs
+
+    def head(self, ys: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Per-resolution states -> the task's output; defined by the subclasses."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, train_step: int = -1, compute_jac_loss: bool = False,
+                return_info: bool = False) -> Any:
+        """The head's output for a batch of images (B, C, H, W); with ``return_info`` also the info dict.
+
+        Args:
+            x: Images, shape (B, C, H, W).
+            train_step: Training step (unrolled mode while ``0 <= train_step < pretrain_steps``); -1 in
+                evaluation.
+            compute_jac_loss: Estimate the Jacobian loss (``info["jac_loss"]``) in this step.
+            return_info: Return ``(output, info)`` instead of the output (see :meth:`equilibrium`).
+        """
+        ys, info = self.equilibrium(x, train_step, compute_jac_loss)
+        out = self.head(ys)
+        return (out, info) if return_info else out
 
     def equilibrium(self, x: torch.Tensor, train_step: int = -1, compute_jac_loss: bool = False,
                     ) -> Tuple[List[torch.Tensor], Dict[str, Any]]:

@@ -8,6 +8,12 @@ f_z = f(z*) and registers a hook on f_z that replaces the incoming gradient dL/d
 solver); autograd then carries g into the parameters. The hook removes itself when it fires, and a hook that never
 fired (no backward) is removed at the next forward, so no hook outlives its graph.
 
+Two choices of the adjoint solve differ between the originals and this project (see docs/faithfulness.md):
+``adjoint_init`` starts it at zeros (both originals) or at the incoming gradient (this project: one fixed-point
+step closer), and ``adjoint_at`` takes J at f(z*) (the first original, which re-evaluates f at its output
+f(z*) for the backward pass: one extra call of f) or at z* (the second original and this project). With capped
+solves that do not converge, both change the gradient.
+
 Layout. States in channels_last memory format are flattened in (H, W, C) order, so that the views handed
 back to f keep channels_last strides and no call of f converts between layouts (the solvers only use
 per-sample norms, dot products and elementwise operations, which do not depend on the order).
@@ -32,8 +38,17 @@ from torch import nn
 
 from mdeq.modules.jacobian import jac_loss_estimate, power_method
 from mdeq.modules.solvers import get_solver
+from mdeq.modules.solvers.common import SCOPES
 
 StateList = List[torch.Tensor]
+
+#: How the random forward cap is drawn (``rand_f_thres_mode``).
+RAND_F_THRES_MODES = ("every_step", "jac_steps")
+#: Where the adjoint solve starts (``adjoint_init``) and where its Jacobian is taken (``adjoint_at``).
+ADJOINT_INITS = ("zeros", "grad")
+ADJOINT_POINTS = ("f_z", "z")
+#: Where the unrolled mode takes the Jacobian loss (``pretrain_jac_at``).
+PRETRAIN_JAC_POINTS = ("detached", "last")
 
 
 def list2vec(z: Sequence[torch.Tensor], channels_last: bool = False) -> torch.Tensor:
@@ -142,12 +157,26 @@ class DEQLayer(nn.Module):
 
     Args:
         f_solver, b_solver: solver names (see ``mdeq.modules.solvers.SOLVERS``).
-        f_thres, b_thres: iteration caps of the forward and backward solves.
+        f_thres, b_thres: iteration caps of the forward and backward solves; ``b_thres=None`` uses the forward
+            cap of the same step (what the first original does: its backward solve ignores B_THRES).
         stop_mode: "abs" or "rel".
-        f_eps, b_eps: tolerances; None takes the original's (abs: 1e-5 sqrt(D) forward, 2e-10 sqrt(D)
-            backward, per sample; rel: 1e-3 both).
+        f_eps, b_eps: tolerances; None takes the first original's (abs: 1e-5 sqrt(N) forward, 2e-10 sqrt(N)
+            backward with N = D per sample, or N = B D over the batch with ``stop_scope="batch"``; rel: 1e-3).
         eval_f_thres: forward cap at evaluation (None: f_thres).
-        rand_f_thres_delta: in training, the forward cap is drawn from f_thres +- delta.
+        rand_f_thres_delta: in training, the forward cap is drawn at random (see ``rand_f_thres_mode``).
+        rand_f_thres_mode: "jac_steps" (the second original: only on steps that compute the Jacobian loss,
+            uniformly from f_thres - delta .. f_thres + 1) or "every_step" (every training step, uniformly from
+            f_thres - delta .. f_thres + delta).
+        stop_scope: "batch" (both originals: one residual for the batch, which stops as a whole and returns its
+            lowest-residual iterate) or "sample" (each sample stops on its own).
+        stall: window of the originals' "no progress" stop in both solves (0: off; the originals use 30).
+        keep_start: the starting point is a candidate for a solve's result (first original: True; second: False).
+        adjoint_init: "zeros" (both originals) or "grad" (start the adjoint solve at the incoming gradient).
+        adjoint_at: "f_z" (first original: J at f(z*), one extra call of f in the backward pass) or "z" (J at z*).
+        jac_vecs: random probe vectors of the Jacobian-loss estimate (the second original uses 2).
+        pretrain_jac_at: where the unrolled (pretraining) mode takes the Jacobian loss: "detached" (the second
+            original: at a detached copy of the last unrolled state, one extra call of f whose output is used
+            only for the loss) or "last" (at the last application of f, whose output is the layer's).
         backward: "implicit" or "phantom".
         phantom_steps, phantom_tau: the phantom gradient's unrolled steps and damping.
         f_options, b_options: extra keyword options of the two solvers (e.g. {"memory": 8}).
@@ -158,17 +187,32 @@ class DEQLayer(nn.Module):
     """
 
     def __init__(self, f_solver: str = "broyden", b_solver: str = "broyden", f_thres: int = 30,
-                 b_thres: int = 40, stop_mode: str = "abs", f_eps: Optional[float] = None,
+                 b_thres: Optional[int] = 40, stop_mode: str = "abs", f_eps: Optional[float] = None,
                  b_eps: Optional[float] = None, eval_f_thres: Optional[int] = None, rand_f_thres_delta: int = 0,
                  backward: str = "implicit", phantom_steps: int = 5, phantom_tau: float = 0.5,
                  f_options: Optional[Dict[str, Any]] = None, b_options: Optional[Dict[str, Any]] = None,
-                 spectral_radius: bool = False, warm_start: bool = False, check_every: int = 0) -> None:
+                 spectral_radius: bool = False, warm_start: bool = False, check_every: int = 0,
+                 rand_f_thres_mode: str = "every_step", stop_scope: str = "sample", stall: int = 0,
+                 keep_start: bool = True, adjoint_init: str = "grad", adjoint_at: str = "z", jac_vecs: int = 1,
+                 pretrain_jac_at: str = "last") -> None:
         super().__init__()
-        if backward not in ("implicit", "phantom"):
-            raise ValueError(f"backward must be 'implicit' or 'phantom', got {backward!r}")
+        for name, value, valid in (("backward", backward, ("implicit", "phantom")),
+                                   ("rand_f_thres_mode", rand_f_thres_mode, RAND_F_THRES_MODES),
+                                   ("stop_scope", stop_scope, SCOPES),
+                                   ("adjoint_init", adjoint_init, ADJOINT_INITS),
+                                   ("adjoint_at", adjoint_at, ADJOINT_POINTS),
+                                   ("pretrain_jac_at", pretrain_jac_at, PRETRAIN_JAC_POINTS)):
+            if value not in valid:
+                raise ValueError(f"{name} must be one of {list(valid)}, got {value!r}")
         self.f_solver_name, self.b_solver_name = f_solver, b_solver
         self.f_solver, self.b_solver = get_solver(f_solver), get_solver(b_solver)
-        self.f_thres, self.b_thres = int(f_thres), int(b_thres)
+        self.f_thres = int(f_thres)
+        self.b_thres = None if b_thres is None else int(b_thres)
+        self.rand_f_thres_mode = rand_f_thres_mode
+        self.stop_scope, self.stall, self.keep_start = stop_scope, int(stall), bool(keep_start)
+        self.adjoint_init, self.adjoint_at = adjoint_init, adjoint_at
+        self.jac_vecs, self.pretrain_jac_at = int(jac_vecs), pretrain_jac_at
+        self._cap = self.f_thres  # forward cap of the latest training step (the backward cap when b_thres is None)
         self.stop_mode = stop_mode
         self.f_eps, self.b_eps = f_eps, b_eps
         self.eval_f_thres = eval_f_thres
@@ -186,26 +230,35 @@ class DEQLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"f_solver={self.f_solver_name}, b_solver={self.b_solver_name}, f_thres={self.f_thres}, "
-                f"b_thres={self.b_thres}, stop_mode={self.stop_mode}, backward={self.backward_mode}")
+                f"b_thres={self.b_thres}, stop_mode={self.stop_mode}, stop_scope={self.stop_scope}, "
+                f"backward={self.backward_mode}, adjoint_init={self.adjoint_init}, adjoint_at={self.adjoint_at}")
 
     # ------------------------------------------------------------------------------------------- tolerances
-    def _tol(self, eps: Optional[float], dim: int, forward: bool) -> float:
+    def _tol(self, eps: Optional[float], shape: torch.Size, forward: bool) -> float:
+        """The solve's tolerance for states of shape (B, D)."""
         if eps is not None and eps > 0:
             return float(eps)
         if self.stop_mode == "rel":
             return 1e-3
-        return (1e-5 if forward else 2e-10) * math.sqrt(dim)
+        n = shape[1] * (shape[0] if self.stop_scope == "batch" else 1)
+        return (1e-5 if forward else 2e-10) * math.sqrt(n)
 
-    def _forward_cap(self) -> int:
+    def _forward_cap(self, compute_jac_loss: bool = False) -> int:
         if not self.training:
             return int(self.eval_f_thres) if self.eval_f_thres else self.f_thres
-        if self.rand_f_thres_delta > 0:
-            return max(1, self.f_thres + random.randint(-self.rand_f_thres_delta, self.rand_f_thres_delta))
+        delta = self.rand_f_thres_delta
+        if delta > 0 and self.rand_f_thres_mode == "every_step":
+            return max(1, self.f_thres + random.randint(-delta, delta))
+        if delta > 0 and compute_jac_loss:  # "jac_steps"
+            return max(1, self.f_thres + random.randint(-delta, 1))
         return self.f_thres
 
     def _options(self, options: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
         out = dict(options)
         out.setdefault("check_every", self.check_every or (1 if device.type == "cpu" else 4))
+        out.setdefault("scope", self.stop_scope)
+        out.setdefault("stall", self.stall)
+        out.setdefault("keep_start", self.keep_start)
         return out
 
     def remove_hook(self) -> None:
@@ -222,22 +275,29 @@ class DEQLayer(nn.Module):
     # ----------------------------------------------------------------------------------------- unrolled mode
     def unrolled(self, f: Callable[[StateList], StateList], z0: StateList, num_layers: int,
                  compute_jac_loss: bool = False) -> Tuple[StateList, Dict[str, Any]]:
-        """Weight-tied unrolling: ``num_layers`` plain applications of f, differentiated by autograd."""
+        """Weight-tied unrolling: ``num_layers`` plain applications of f, differentiated by autograd.
+
+        With ``compute_jac_loss`` the Jacobian loss is taken where ``pretrain_jac_at`` says: at a detached copy
+        of the last state (one extra call of f, used only for the loss) or at the last application of f.
+        """
         self.remove_hook()
         info: Dict[str, Any] = {"mode": "unrolled", "jac_loss": None}
+        jac = compute_jac_loss and torch.is_grad_enabled()
         z = z0
-        for _ in range(num_layers - 1):
+        for _ in range(num_layers - (1 if jac and self.pretrain_jac_at == "last" else 0)):
             z = self._f(f, z)
-        if compute_jac_loss and torch.is_grad_enabled():
-            shapes = [e.shape for e in z]
-            nhwc = is_channels_last(z)
-            zin = list2vec(z, nhwc)
-            if not zin.requires_grad:
-                zin = zin.detach().requires_grad_()
-            fz = list2vec(self._f(f, vec2list(zin, shapes, nhwc)), nhwc)
-            info["jac_loss"] = jac_loss_estimate(fz, zin)
-            return vec2list(fz, shapes, nhwc), info
-        return self._f(f, z), info
+        if not jac:
+            return z, info
+        shapes = [e.shape for e in z]
+        nhwc = is_channels_last(z)
+        zin = list2vec(z, nhwc)
+        if self.pretrain_jac_at == "detached" or not zin.requires_grad:
+            zin = zin.detach().requires_grad_()
+        fz = list2vec(self._f(f, vec2list(zin, shapes, nhwc)), nhwc)
+        info["jac_loss"] = jac_loss_estimate(fz, zin, vecs=self.jac_vecs)
+        if self.pretrain_jac_at == "detached":
+            return z, info
+        return vec2list(fz, shapes, nhwc), info
 
     # -------------------------------------------------------------------------------------- equilibrium mode
     def forward(self, f: Callable[[StateList], StateList], z0: StateList, compute_jac_loss: bool = False
@@ -258,9 +318,9 @@ class DEQLayer(nn.Module):
         x0 = list2vec(z0, nhwc)
         if not self.training and self.warm_start and self._last_z is not None and self._last_z.shape == x0.shape:
             x0 = self._last_z
-        dim = x0.shape[1]
+        self._cap = self._forward_cap(compute_jac_loss)
         with torch.no_grad(), torch.autocast(device_type, enabled=False), _probed(probe, "forward_solve"):
-            z_star, stats = self.f_solver(fvec, x0, self._forward_cap(), self._tol(self.f_eps, dim, True),
+            z_star, stats = self.f_solver(fvec, x0, self._cap, self._tol(self.f_eps, x0.shape, True),
                                           self.stop_mode, **self._options(self.f_options, x0.device))
         info: Dict[str, Any] = {"mode": "equilibrium", "forward": summarize(stats), "jac_loss": None}
         if not self.training and self.warm_start:
@@ -279,11 +339,11 @@ class DEQLayer(nn.Module):
             z = z_star
             for step in range(self.phantom_steps):
                 fz = fvec(z)
-                if step == 0 and compute_jac_loss:
-                    info["jac_loss"] = jac_loss_estimate(fz, z_star)  # reuses f(z*) of the first step
+                if step == 0 and compute_jac_loss:  # reuses f(z*) of the first step
+                    info["jac_loss"] = jac_loss_estimate(fz, z_star, vecs=self.jac_vecs)
                 z = self.phantom_tau * fz + (1.0 - self.phantom_tau) * z
             if compute_jac_loss and info["jac_loss"] is None:
-                info["jac_loss"] = jac_loss_estimate(fvec(z_star), z_star)
+                info["jac_loss"] = jac_loss_estimate(fvec(z_star), z_star, vecs=self.jac_vecs)
             if probe is not None and z.requires_grad:
                 z.register_hook(self._probe_hook(probe, "begin"))
                 z_star.register_hook(self._probe_hook(probe, "end"))
@@ -291,9 +351,9 @@ class DEQLayer(nn.Module):
 
         f_z = fvec(z_star)
         if compute_jac_loss:
-            info["jac_loss"] = jac_loss_estimate(f_z, z_star)
+            info["jac_loss"] = jac_loss_estimate(f_z, z_star, vecs=self.jac_vecs)
         if f_z.requires_grad:
-            self._register_adjoint_hook(f_z, z_star, info)
+            self._register_adjoint_hook(f_z, z_star, info, fvec)
         return vec2list(f_z, shapes, nhwc), info
 
     @staticmethod
@@ -308,11 +368,14 @@ class DEQLayer(nn.Module):
 
         return hook
 
-    def _register_adjoint_hook(self, f_z: torch.Tensor, z_star: torch.Tensor, info: Dict[str, Any]) -> None:
-        b_solver, b_thres = self.b_solver, self.b_thres
+    def _register_adjoint_hook(self, f_z: torch.Tensor, z_star: torch.Tensor, info: Dict[str, Any],
+                               fvec: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        b_solver = self.b_solver
+        b_thres = self.b_thres if self.b_thres is not None else self._cap
         b_options = self._options(self.b_options, f_z.device)
-        b_tol = self._tol(self.b_eps, f_z.shape[1], False)
+        b_tol = self._tol(self.b_eps, f_z.shape, False)
         stop_mode = self.stop_mode
+        adjoint_init, adjoint_at = self.adjoint_init, self.adjoint_at
         layer = self
         probe = self.probe
         if probe is not None:
@@ -332,14 +395,24 @@ class DEQLayer(nn.Module):
                 layer._hook.remove()
                 layer._hook = None
 
+            if adjoint_at == "f_z":
+                # J at f(z*): one more call of f, at a detached copy of its output (only its VJPs are used)
+                with torch.enable_grad():
+                    jac_in = f_z.detach().requires_grad_()
+                    jac_out = fvec(jac_in)
+            else:
+                jac_in, jac_out = z_star, f_z
+
             def adjoint(g: torch.Tensor) -> torch.Tensor:
                 # g -> J^T g + grad, whose fixed point solves (J^T - I) g = -grad
                 with _probed(probe, "vjp"):
-                    vjp = torch.autograd.grad(f_z, z_star, g, retain_graph=True)[0]
+                    vjp = torch.autograd.grad(jac_out, jac_in, g, retain_graph=True)[0]
                     return vjp + grad
 
+            start = torch.zeros_like(grad) if adjoint_init == "zeros" else grad.detach().clone()
             with torch.no_grad(), torch.autocast(grad.device.type, enabled=False), _probed(probe, "backward_solve"):
-                g, stats = b_solver(adjoint, grad.detach().clone(), b_thres, b_tol, stop_mode, **b_options)
+                g, stats = b_solver(adjoint, start, b_thres, b_tol, stop_mode, **b_options)
+            del jac_in, jac_out
             info["backward"] = summarize(stats)
             if probe is not None:
                 started["flag"] = True

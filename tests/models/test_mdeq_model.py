@@ -111,3 +111,31 @@ def test_second_generation_options_change_the_model():
     assert model.fullstage.branches[1].blocks[0].conv1.weight_v.shape[-1] == 5
     assert model.fullstage.branches[1].blocks[0].conv2.weight_v.shape[-1] == 3
     assert sum(p.numel() for p in model.parameters()) != sum(p.numel() for p in plain.parameters())
+
+
+def test_single_branch_f_skips_the_post_fusion_layers():
+    """The original's f with one resolution is the residual block alone; the post-fusion layers exist (their
+    parameters are in its state dicts) but are not applied, so they get no gradient."""
+    extra = ["MODEL.EXTRA.FULL_STAGE.NUM_BRANCHES", "1", "MODEL.EXTRA.FULL_STAGE.NUM_CHANNELS", "[8]",
+             "MODEL.EXTRA.FULL_STAGE.NUM_BLOCKS", "[1]", "MODEL.EXTRA.FULL_STAGE.HEAD_CHANNELS", "[4]"]
+    torch.manual_seed(0)
+    model = get_cls_net(tiny_cfg(extra)).train()
+    x = torch.randn(2, 3, 8, 8)
+    xs = model.injection(x)
+    model.fullstage.prepare([e.shape for e in xs], x.device, x.dtype)
+    z = [torch.randn_like(xs[0])]
+    assert torch.equal(model.fullstage(z, xs)[0], model.fullstage.branches[0](z[0], xs[0]))
+    model(x, train_step=0).sum().backward()
+    post = [p.grad for p in model.fullstage.post_fuse_layers.parameters()]
+    assert post and all(g is None for g in post)
+    assert model.fullstage.branches[0].blocks[0].conv1.weight_v.grad.abs().sum() > 0
+
+
+def test_the_model_builder_leaves_the_allocator_alone(monkeypatch):
+    """Building a model changes nothing outside it (the run set-up tunes the CPU allocator)."""
+    from mdeq.modules import optimizations
+
+    called = []
+    monkeypatch.setattr(optimizations, "tune_cpu_allocator", lambda *a, **k: called.append(1))
+    get_cls_net(tiny_cfg(["DEVICE", "cpu"]))
+    assert called == []

@@ -174,8 +174,10 @@ def _tiny_cifar(extra=()):
 
 
 def test_every_parameter_of_tiny_gets_a_finite_nonzero_gradient_in_equilibrium_mode():
+    # With the original's solver choices the adjoint solve of this untrained net returns its zero start (no
+    # iterate beats it over the batch), so only the head gets a gradient; this project's choices do not.
     torch.manual_seed(0)
-    model = _tiny_cifar()
+    model = _tiny_cifar(["DEQ.ADJOINT_INIT", "grad", "DEQ.STOP_SCOPE", "sample"])
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
     out, info = model(x, train_step=10, return_info=True)
     assert info["mode"] == "equilibrium"

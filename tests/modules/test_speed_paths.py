@@ -197,7 +197,7 @@ def count_f_theta(model: torch.nn.Module) -> List[int]:
 
 
 @pytest.mark.parametrize("extra", [[], ["DEQ.STOP_MODE", "rel", "DEQ.F_EPS", "1e-2", "DEQ.B_EPS", "1e-2"],
-                                   ["DEQ.F_SOLVER", "anderson", "DEQ.B_SOLVER", "lbroyden"]])
+                                   ["DEQ.F_SOLVER", "anderson", "DEQ.B_SOLVER", "lbroyden", "DEQ.ADJOINT_AT", "z"]])
 def test_training_step_calls_f_forward_nfev_plus_one_times_and_vjp_backward_nfev_times(extra) -> None:
     model = tiny_model(extra)
     calls = count_f_theta(model)
@@ -205,8 +205,10 @@ def test_training_step_calls_f_forward_nfev_plus_one_times_and_vjp_backward_nfev
     model.deq.probe = probe
     _, _, info = step(model, -1)
     fwd, bwd = int(info["forward"]["nfev"]), int(info["backward"]["nfev"])
-    assert calls[0] == fwd + 1
-    assert probe.calls["f"] == fwd + 1
+    # the original's adjoint (ADJOINT_AT f_z, the default) evaluates f once more, at f(z*)
+    extra_f = 1 if model.deq.adjoint_at == "f_z" else 0
+    assert calls[0] == fwd + 1 + extra_f
+    assert probe.calls["f"] == fwd + 1 + extra_f
     assert probe.calls["vjp"] == bwd
     assert probe.calls["f_backward"] == 1 and probe.calls["forward_solve"] == probe.calls["backward_solve"] == 1
     assert 1 <= int(info["backward"]["nstep"]) + 1 == bwd

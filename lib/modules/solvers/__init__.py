@@ -1,8 +1,9 @@
 """Fixed-point solvers for deep equilibrium layers, by name.
 
 Every solver has the signature ``solver(f, x0, max_iter, tol, stop_mode="abs", **own_options)`` and
-returns ``(z, stats)``; see :mod:`mdeq.modules.solvers.common` for the per-sample semantics and the
-statistics. Unknown options raise ``TypeError``.
+returns ``(z, stats)``; see :mod:`mdeq.modules.solvers.common` for the stopping semantics (per sample, or
+over the whole batch as the original implementations: option ``scope``) and the statistics. Unknown options
+raise ``TypeError``.
 """
 from __future__ import annotations
 

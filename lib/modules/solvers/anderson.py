@@ -48,7 +48,8 @@ def _mixing_weights(xs: Tensor, fs: Tensor, lam: float, newest: int) -> Tensor:
 
 @torch.no_grad()
 def anderson(f: FixedPointMap, x0: Tensor, max_iter: int, tol: float, stop_mode: str = "abs", m: int = 5,
-             beta: float = 1.0, lam: float = 1e-4, check_every: int = 1) -> Tuple[Tensor, Dict[str, Any]]:
+             beta: float = 1.0, lam: float = 1e-4, check_every: int = 1, scope: str = "sample", stall: int = 0,
+             keep_start: bool = True) -> Tuple[Tensor, Dict[str, Any]]:
     """Finds ``z = f(z)`` with Anderson acceleration, per sample.
 
     Keeps the newest ``m`` pairs ``(x_i, f(x_i))`` and moves to
@@ -70,6 +71,10 @@ def anderson(f: FixedPointMap, x0: Tensor, max_iter: int, tol: float, stop_mode:
             the history (so it is scale free); 0 disables it.
         check_every: Test whether every sample stopped only every this many iterations (fewer host
             synchronisations on accelerators; stopped samples stay frozen meanwhile).
+        scope: ``"sample"`` (each sample stops on its own) or ``"batch"`` (one residual for the batch, as
+            the originals); see :mod:`mdeq.modules.solvers.common`.
+        stall: Window of the originals' "no progress" stop (0: off).
+        keep_start: Whether ``x0`` counts as a candidate for the result (False: the second generation's).
 
     Returns:
         ``(z, stats)``: the best iterate of each sample, shape (B, D), and the statistics described in
@@ -78,7 +83,7 @@ def anderson(f: FixedPointMap, x0: Tensor, max_iter: int, tol: float, stop_mode:
     Raises:
         ValueError: If ``m < 1``, ``lam < 0`` or ``beta`` is not finite (or an argument check fails).
     """
-    validate_arguments(x0, max_iter, tol, stop_mode, check_every)
+    validate_arguments(x0, max_iter, tol, stop_mode, check_every, scope, stall)
     if isinstance(m, bool) or not isinstance(m, int):
         raise TypeError(f"m must be an int, got {type(m).__name__}")
     if m < 1:
@@ -90,7 +95,7 @@ def anderson(f: FixedPointMap, x0: Tensor, max_iter: int, tol: float, stop_mode:
     bsz, dim = x0.shape
     z = x0.detach().clone()
     fz = f(z)
-    monitor = SolveMonitor(z, fz, fz - z, tol, stop_mode, check_every)
+    monitor = SolveMonitor(z, fz, fz - z, tol, stop_mode, check_every, scope, stall, keep_start)
     xs = x0.new_zeros(bsz, m, dim)
     fs = x0.new_zeros(bsz, m, dim)
     start = monitor.active[:, None]

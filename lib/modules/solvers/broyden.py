@@ -312,9 +312,9 @@ def _broyden_residual_basis(f: FixedPointMap, z: Tensor, g: Tensor, monitor: Sol
 
 @torch.no_grad()
 def broyden(f: FixedPointMap, x0: Tensor, max_iter: int, tol: float, stop_mode: str = "abs",
-            memory: Optional[int] = None, check_every: int = 1,
-            overflow: str = "window") -> Tuple[Tensor, Dict[str, Any]]:
-    """Finds ``z = f(z)`` with Broyden's good method, per sample, full step (no line search).
+            memory: Optional[int] = None, check_every: int = 1, overflow: str = "window",
+            scope: str = "sample", stall: int = 0, keep_start: bool = True) -> Tuple[Tensor, Dict[str, Any]]:
+    """Finds ``z = f(z)`` with Broyden's good method, full step (no line search), per sample or per batch.
 
     Per iteration, with ``dz = z_new - z`` and ``dg = g(z_new) - g(z)``::
 
@@ -350,6 +350,10 @@ def broyden(f: FixedPointMap, x0: Tensor, max_iter: int, tol: float, stop_mode: 
             synchronisations on accelerators; stopped samples stay frozen meanwhile).
         overflow: ``"window"``, ``"restart"`` or ``"circular"``, see above; irrelevant when
             ``memory >= max_iter``.
+        scope: ``"sample"`` (each sample stops on its own) or ``"batch"`` (one residual for the batch, as
+            the originals); see :mod:`mdeq.modules.solvers.common`.
+        stall: Window of the originals' "no progress" stop (0: off).
+        keep_start: Whether ``x0`` counts as a candidate for the result (False: the second generation's).
 
     Returns:
         ``(z, stats)``: the best iterate of each sample, shape (B, D), and the statistics described in
@@ -360,7 +364,7 @@ def broyden(f: FixedPointMap, x0: Tensor, max_iter: int, tol: float, stop_mode: 
         TypeError: If ``memory`` is neither an int nor None.
         ValueError: If ``memory < 1``, ``overflow`` is unknown, or an argument check fails.
     """
-    validate_arguments(x0, max_iter, tol, stop_mode, check_every)
+    validate_arguments(x0, max_iter, tol, stop_mode, check_every, scope, stall)
     if memory is None:
         memory = max_iter
     if isinstance(memory, bool) or not isinstance(memory, int):
@@ -375,7 +379,7 @@ def broyden(f: FixedPointMap, x0: Tensor, max_iter: int, tol: float, stop_mode: 
     z = x0.detach().clone()
     fz = f(z)
     g = fz - z
-    monitor = SolveMonitor(z, fz, g, tol, stop_mode, check_every)
+    monitor = SolveMonitor(z, fz, g, tol, stop_mode, check_every, scope, stall, keep_start)
     if memory == max_iter:
         if monitor.any_active():
             _broyden_residual_basis(f, z, g, monitor, max_iter)
@@ -428,7 +432,8 @@ def broyden(f: FixedPointMap, x0: Tensor, max_iter: int, tol: float, stop_mode: 
 
 
 def lbroyden(f: FixedPointMap, x0: Tensor, max_iter: int, tol: float, stop_mode: str = "abs",
-             memory: int = 8, check_every: int = 1, overflow: str = "window") -> Tuple[Tensor, Dict[str, Any]]:
+             memory: int = 8, check_every: int = 1, overflow: str = "window", scope: str = "sample",
+             stall: int = 0, keep_start: bool = True) -> Tuple[Tensor, Dict[str, Any]]:
     """Limited-memory Broyden: :func:`broyden` with at most ``memory`` rank-one updates.
 
     Args:
@@ -442,9 +447,13 @@ def lbroyden(f: FixedPointMap, x0: Tensor, max_iter: int, tol: float, stop_mode:
         check_every: Test whether every sample stopped only every this many iterations.
         overflow: What happens once M updates are stored: ``"window"`` (newest M secant pairs),
             ``"restart"`` or ``"circular"``; see :func:`broyden`.
+        scope: ``"sample"`` (each sample stops on its own) or ``"batch"`` (one residual for the batch, as
+            the originals); see :mod:`mdeq.modules.solvers.common`.
+        stall: Window of the originals' "no progress" stop (0: off).
+        keep_start: Whether ``x0`` counts as a candidate for the result (False: the second generation's).
 
     Returns:
         ``(z, stats)`` as for :func:`broyden`.
     """
     return broyden(f, x0, max_iter, tol, stop_mode=stop_mode, memory=memory, check_every=check_every,
-                   overflow=overflow)
+                   overflow=overflow, scope=scope, stall=stall, keep_start=keep_start)

@@ -6,8 +6,23 @@ dimension ``D``. This module holds what they have in common:
 * argument checks (:func:`validate_arguments`);
 * per-sample residuals (:func:`residuals`);
 * :class:`SolveMonitor`, which follows each sample separately: it counts the iterations a sample ran,
-  keeps its best finite iterate, decides when it stopped (converged or diverged) and freezes it, and
-  assembles the ``stats`` dictionary returned by every solver.
+  keeps its best finite iterate, decides when it stopped (converged, diverged or stalled) and freezes it,
+  and assembles the ``stats`` dictionary returned by every solver.
+
+Two stopping scopes (the solvers' ``scope`` option):
+
+* ``"sample"`` (this project's): every sample stops on its own residual and keeps its own best iterate,
+  so a sample's result does not depend on the rest of the batch.
+* ``"batch"`` (both original implementations): one residual for the whole batch, the norm of the
+  (B, D) residual tensor (``abs``) or that norm over the norm of ``f(z)`` (``rel``); the whole batch stops
+  together and the returned iterate is the batch's iterate at the step with the lowest batch residual.
+
+Two more options reproduce the originals: ``stall`` (the "no progress" stop of both originals: stop once
+the residual is below ``3 tol`` and the last ``stall`` residuals vary by less than a factor 1.3; it can
+only act after more than ``stall`` iterations) and ``keep_start`` (whether the starting point counts as a
+candidate for the returned iterate and may already count as converged: True in the first original, False
+in its second generation, which always takes at least one step, returns the best of the iterates it
+computed and measures divergence against its first step's residual).
 
 The monitor never synchronises with an accelerator except in :meth:`SolveMonitor.should_stop`, which
 callers invoke once per iteration but which only looks at the device every ``check_every`` iterations. (On
@@ -28,6 +43,15 @@ FixedPointMap = Callable[[Tensor], Tensor]
 #: Stopping criteria a solver understands.
 STOP_MODES: Tuple[str, ...] = ("abs", "rel")
 
+#: Stopping scopes: every sample on its own, or the whole batch on one residual (see the module docstring).
+SCOPES: Tuple[str, ...] = ("sample", "batch")
+
+#: The "no progress" stop needs the residual below this multiple of the tolerance ...
+STALL_TOL_FACTOR: float = 3.0
+
+#: ... and the largest of the last ``stall`` residuals within this factor of the smallest.
+STALL_RATIO: float = 1.3
+
 #: Added to ``||f(z)||`` in the relative residual so that ``f(z) = 0`` does not divide by zero.
 REL_EPS: float = 1e-9
 
@@ -45,7 +69,8 @@ def host_checks_are_free(t: Tensor) -> bool:
     return t.device.type == "cpu"
 
 
-def validate_arguments(x0: Tensor, max_iter: int, tol: float, stop_mode: str, check_every: int) -> None:
+def validate_arguments(x0: Tensor, max_iter: int, tol: float, stop_mode: str, check_every: int,
+                       scope: str = "sample", stall: int = 0) -> None:
     """Checks the arguments shared by all solvers.
 
     Args:
@@ -54,6 +79,8 @@ def validate_arguments(x0: Tensor, max_iter: int, tol: float, stop_mode: str, ch
         tol: Stopping tolerance, a finite float of at least 0.
         stop_mode: ``"abs"`` or ``"rel"``.
         check_every: How often (in iterations) the "all samples stopped" test runs, an int of at least 1.
+        scope: ``"sample"`` or ``"batch"``.
+        stall: Window of the "no progress" stop, an int of at least 0 (0: off).
 
     Raises:
         TypeError: If ``x0`` is not a floating-point tensor or an integer argument is not an int.
@@ -72,6 +99,12 @@ def validate_arguments(x0: Tensor, max_iter: int, tol: float, stop_mode: str, ch
         raise ValueError(f"tol must be a finite number of at least 0, got {tol!r}")
     if stop_mode not in STOP_MODES:
         raise ValueError(f"stop_mode must be one of {list(STOP_MODES)}, got {stop_mode!r}")
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {list(SCOPES)}, got {scope!r}")
+    if isinstance(stall, bool) or not isinstance(stall, int):
+        raise TypeError(f"stall must be an int, got {type(stall).__name__}")
+    if stall < 0:
+        raise ValueError(f"stall must be 0 (off) or positive, got {stall}")
 
 
 def residuals(g: Tensor, fz: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
@@ -92,13 +125,34 @@ def residuals(g: Tensor, fz: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     return abs_res, rel_res, finite
 
 
-class SolveMonitor:
-    """Per-sample progress of a solve: stopping, best iterate, statistics.
+def batch_residuals(abs_res: Tensor, f_norm: Tensor, finite: Tensor, stop_mode: str) -> Tuple[Tensor, Tensor]:
+    """The batch's stop-mode residual, broadcast to every sample, and whether all of the batch is finite.
 
-    A sample is *active* until its stop-mode residual drops below ``tol`` (converged) or it diverges
-    (non-finite ``f``, or a residual above ``DIVERGENCE_FACTOR[stop_mode]`` times its initial residual).
-    Once stopped it stays stopped; solvers must then keep its iterate and internal state unchanged
-    (use the mask returned by :meth:`update`).
+    Args:
+        abs_res: Per-sample ``||f(z) - z||``, shape (B,).
+        f_norm: Per-sample ``||f(z)||``, shape (B,) (used in ``rel`` mode only).
+        finite: Per-sample finiteness, shape (B,) bool.
+        stop_mode: ``"abs"`` or ``"rel"``.
+
+    Returns:
+        ``(res, finite)``, each of shape (B,): the norm of the whole (B, D) residual (``abs``) or that norm
+        divided by the norm of the whole ``f(z)`` plus 1e-9 (``rel``), and whether every sample is finite.
+    """
+    total = torch.linalg.vector_norm(abs_res)  # ||f(z) - z|| over the batch
+    if stop_mode == "rel":
+        total = total / (torch.linalg.vector_norm(f_norm) + REL_EPS)
+    return total.expand_as(abs_res), finite.all().expand_as(finite)
+
+
+class SolveMonitor:
+    """Progress of a solve per sample or per batch: stopping, best iterate, statistics.
+
+    A sample is *active* until its stop-mode residual drops below ``tol`` (converged), it diverges
+    (non-finite ``f``, or a residual above ``DIVERGENCE_FACTOR[stop_mode]`` times its initial residual), or
+    it stalls (``stall > 0``, see the module docstring). Once stopped it stays stopped; solvers must then
+    keep its iterate and internal state unchanged (use the mask returned by :meth:`update`). With
+    ``scope="batch"`` the residual that decides all of this is the batch's, so every sample stops at the same
+    step and the best iterate is the whole batch's at one step.
 
     Args:
         x0: Starting point, shape (B, D).
@@ -107,32 +161,49 @@ class SolveMonitor:
         tol: Stopping tolerance on the stop-mode residual.
         stop_mode: ``"abs"`` or ``"rel"``.
         check_every: The "all stopped" test in :meth:`should_stop` runs every this many iterations.
+        scope: ``"sample"`` or ``"batch"``.
+        stall: Window of the "no progress" stop (0: off).
+        keep_start: Whether ``x0`` is a candidate for the returned iterate (and may count as converged).
 
     Attributes:
         active: (B,) bool, samples still iterating.
         nfev: Number of calls of ``f`` recorded so far (starts at 1 for ``f(x0)``).
     """
 
-    def __init__(self, x0: Tensor, fx0: Tensor, g0: Tensor, tol: float, stop_mode: str, check_every: int) -> None:
+    def __init__(self, x0: Tensor, fx0: Tensor, g0: Tensor, tol: float, stop_mode: str, check_every: int,
+                 scope: str = "sample", stall: int = 0, keep_start: bool = True) -> None:
         self.tol = float(tol)
         self.stop_mode = stop_mode
         self.check_every = check_every
+        self.scope = scope
+        self.stall = int(stall)
+        self.keep_start = bool(keep_start)
         abs0, rel0, finite0 = residuals(g0, fx0)
-        res0 = abs0 if stop_mode == "abs" else rel0
+        res0, finite0 = self._stop_residual(g0, fx0, abs0, rel0, finite0)
         self._limit = DIVERGENCE_FACTOR[stop_mode] * res0
         self.best_z = x0.clone()
         self._owns_best = True  # False while best_z is a reference to a caller's iterate (CPU only)
-        self.best_res = torch.where(finite0, res0, torch.full_like(res0, math.inf))
+        inf = torch.full_like(res0, math.inf)
+        self.best_res = torch.where(finite0, res0, inf) if self.keep_start else inf
         self.best_abs = abs0
         self.best_rel = rel0
         bsz = x0.shape[0]
         self.best_step = torch.zeros(bsz, dtype=torch.long, device=x0.device)
         self.nstep = torch.zeros(bsz, dtype=torch.long, device=x0.device)
-        self.converged = finite0 & (res0 < self.tol)
+        self.converged = finite0 & (res0 < self.tol) & self.keep_start
         self.diverged = ~finite0
+        self.stalled = torch.zeros_like(finite0)
         self.active = ~(self.converged | self.diverged)
         self.trace: List[Tensor] = [res0.clone()]
         self.nfev = 1
+
+    def _stop_residual(self, g: Tensor, fz: Tensor, abs_res: Tensor, rel_res: Tensor, finite: Tensor
+                       ) -> Tuple[Tensor, Tensor]:
+        """The residual that decides stopping, (B,), and its finiteness: per sample, or the batch's."""
+        if self.scope == "sample":
+            return (abs_res if self.stop_mode == "abs" else rel_res), finite
+        f_norm = torch.linalg.vector_norm(fz, dim=1) if self.stop_mode == "rel" else abs_res
+        return batch_residuals(abs_res, f_norm, finite, self.stop_mode)
 
     def any_active(self) -> bool:
         """Whether some sample is still iterating (synchronises with the device)."""
@@ -158,7 +229,10 @@ class SolveMonitor:
         """
         self.nfev += 1
         abs_res, rel_res, finite = residuals(g, fz)
-        res = abs_res if self.stop_mode == "abs" else rel_res
+        res, finite = self._stop_residual(g, fz, abs_res, rel_res, finite)
+        if step == 1 and not self.keep_start:
+            # the second generation measures divergence against its first step's residual
+            self._limit = DIVERGENCE_FACTOR[self.stop_mode] * torch.where(finite, res, self._limit)
         was = self.active
         self.nstep += was.long()
         ok = was & finite
@@ -170,10 +244,17 @@ class SolveMonitor:
         self.best_step = torch.where(better, torch.full_like(self.best_step, step), self.best_step)
         conv = ok & (res < self.tol)
         div = was & ~conv & (~finite | (res > self._limit))
+        self.trace.append(torch.where(was, res, self.best_res))
+        stop = conv | div
+        if self.stall and step > self.stall:
+            window = torch.stack(self.trace[-self.stall:])  # (stall, B): the last `stall` residuals
+            flat = window.amax(dim=0) < STALL_RATIO * window.amin(dim=0)
+            stalled = ok & ~stop & (res < STALL_TOL_FACTOR * self.tol) & flat
+            self.stalled = self.stalled | stalled
+            stop = stop | stalled
         self.converged = self.converged | conv
         self.diverged = self.diverged | div
-        self.active = was & ~(conv | div)
-        self.trace.append(torch.where(was, res, self.best_res))
+        self.active = was & ~stop
         return self.active
 
     def _record_best(self, z: Tensor, better: Tensor) -> None:
@@ -219,8 +300,9 @@ class SolveMonitor:
         Returns:
             ``(z, stats)`` with ``z`` of shape (B, D) and ``stats`` holding ``nstep`` (B,) long,
             ``best_step`` (B,) long, ``abs_res`` (B,), ``rel_res`` (B,), ``diverged`` (B,) bool,
-            ``converged`` (B,) bool, ``nfev`` int and ``trace``, a list of (B,) tensors: the stop-mode
-            residual at iteration 0, 1, ... (a stopped sample repeats its best residual).
+            ``converged`` (B,) bool, ``stalled`` (B,) bool, ``nfev`` int and ``trace``, a list of (B,)
+            tensors: the stop-mode residual at iteration 0, 1, ... (a stopped sample repeats its best
+            residual; with ``scope="batch"`` every entry is the batch's residual).
         """
         stats: Dict[str, Any] = {
             "nstep": self.nstep,
@@ -229,6 +311,7 @@ class SolveMonitor:
             "rel_res": self.best_rel,
             "diverged": self.diverged,
             "converged": self.converged,
+            "stalled": self.stalled,
             "nfev": self.nfev,
             "trace": self.trace,
         }

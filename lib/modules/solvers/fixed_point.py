@@ -11,7 +11,8 @@ from .common import FixedPointMap, SolveMonitor, validate_arguments
 
 @torch.no_grad()
 def fixed_point(f: FixedPointMap, x0: Tensor, max_iter: int, tol: float, stop_mode: str = "abs",
-                check_every: int = 1) -> Tuple[Tensor, Dict[str, Any]]:
+                check_every: int = 1, scope: str = "sample", stall: int = 0, keep_start: bool = True
+                ) -> Tuple[Tensor, Dict[str, Any]]:
     """Finds ``z = f(z)`` by iterating ``z <- f(z)``, per sample.
 
     Converges when ``f`` is a contraction; slow when its Lipschitz constant is close to 1.
@@ -25,15 +26,19 @@ def fixed_point(f: FixedPointMap, x0: Tensor, max_iter: int, tol: float, stop_mo
         stop_mode: ``"abs"`` (``||f(z) - z||``) or ``"rel"`` (``||f(z) - z|| / (||f(z)|| + 1e-9)``).
         check_every: Test whether every sample stopped only every this many iterations (fewer host
             synchronisations on accelerators; stopped samples stay frozen meanwhile).
+        scope: ``"sample"`` (each sample stops on its own) or ``"batch"`` (one residual for the batch, as
+            the originals); see :mod:`mdeq.modules.solvers.common`.
+        stall: Window of the originals' "no progress" stop (0: off).
+        keep_start: Whether ``x0`` counts as a candidate for the result (False: the second generation's).
 
     Returns:
         ``(z, stats)``: the best iterate of each sample, shape (B, D), and the statistics described in
         :meth:`mdeq.modules.solvers.common.SolveMonitor.result`.
     """
-    validate_arguments(x0, max_iter, tol, stop_mode, check_every)
+    validate_arguments(x0, max_iter, tol, stop_mode, check_every, scope, stall)
     z = x0.detach().clone()
     fz = f(z)
-    monitor = SolveMonitor(z, fz, fz - z, tol, stop_mode, check_every)
+    monitor = SolveMonitor(z, fz, fz - z, tol, stop_mode, check_every, scope, stall, keep_start)
     if monitor.any_active():
         for step in range(1, max_iter + 1):
             z_new = torch.where(monitor.active[:, None], fz, z)
