@@ -515,7 +515,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         "solvers": {"forward": setup.cfg.DEQ.F_SOLVER, "backward": setup.cfg.DEQ.B_SOLVER,
                     "f_thres": setup.cfg.DEQ.F_THRES, "b_thres": setup.cfg.DEQ.B_THRES,
                     "stop_mode": setup.cfg.DEQ.STOP_MODE, "backward_mode": setup.cfg.DEQ.BACKWARD},
-        "channels_last": bool(setup.cfg.MODEL.CHANNELS_LAST),
+        "channels_last": bool(getattr(setup.model, "channels_last", False)),
         "compile": args.compile or ("inductor" if setup.cfg.MODEL.COMPILE else ""),
         "machine": machine(), "loadavg_start": loadavg(),
     }

@@ -7,6 +7,8 @@ from typing import Callable, Dict, Iterable, Optional
 import torch
 from yacs.config import CfgNode as CN
 
+from mdeq.config import ConfigError
+
 
 def _sgd(params: Iterable, cfg: CN) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=cfg.TRAIN.LR, momentum=cfg.TRAIN.MOMENTUM, weight_decay=cfg.TRAIN.WD,
@@ -143,3 +145,16 @@ def build_scheduler(cfg: CN, optimizer: torch.optim.Optimizer, steps_per_epoch: 
     else:
         factor = SCHEDULERS[name](cfg, steps_per_epoch)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup(factor, cfg.TRAIN.WARMUP_STEPS))
+
+
+def check_names(cfg: CN) -> None:
+    """Checks TRAIN.OPTIMIZER and TRAIN.LR_SCHEDULER against the registries, before anything runs.
+
+    Raises:
+        ConfigError: a name that no registry holds; the message lists the valid ones.
+    """
+    for key, registry in (("OPTIMIZER", OPTIMIZERS), ("LR_SCHEDULER", SCHEDULERS)):
+        value = str(cfg.TRAIN[key])
+        if value.lower() not in registry:
+            raise ConfigError(f"config key TRAIN.{key}: unknown name {value!r}; valid names are "
+                              f"{', '.join(sorted(registry))}")

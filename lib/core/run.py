@@ -15,6 +15,8 @@ import torch
 from yacs.config import CfgNode as CN
 
 from mdeq.config import check_config, get_default_config, update_config
+from mdeq.core.optim import check_names
+from mdeq.models.mdeq import deq_kwargs
 from mdeq.modules.optimizations import tune_cpu_allocator
 from mdeq.utils import distributed as du
 from mdeq.utils.cluster import launcher_name
@@ -61,6 +63,8 @@ def setup_run(args: argparse.Namespace, phase: str) -> RunContext:
         phase: ``train``, ``valid`` or ``test``: names the log file and the frozen config written beside it.
     """
     cfg = check_config(update_config(get_default_config(), args))
+    check_names(cfg)  # optimizer and scheduler names, and (by translating the DEQ keys) the solver names
+    deq_kwargs(cfg)
     cfg.freeze()
     device = du.select_device(cfg.DEVICE, getattr(args, "local_rank", None))
     du.init_distributed(device)

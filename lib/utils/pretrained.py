@@ -207,7 +207,8 @@ def verify(entry: ReleasedWeights, path: str, sha256: Optional[str] = None) -> D
         DownloadError: a known size or hash differs (the file is left where it is).
         mdeq.utils.checkpoint.CheckpointError: the file is not a weights-only checkpoint.
     """
-    from mdeq.utils.checkpoint import extract_state_dict, safe_load
+    from mdeq.utils.checkpoint import safe_load
+    from mdeq.utils.state_dict import extract_state_dict
 
     expected = _check_sha256(sha256) or entry.sha256
     if not os.path.isfile(path):

@@ -264,3 +264,18 @@ def test_jacobian_weight_constant_without_increment():
     cfg = jac_cfg(incremental=0)
     assert jacobian_weight(cfg, 9, 0) == 0.3
     assert {jacobian_weight(cfg, s, 1) for s in range(10, 1000, 37)} == {0.5}
+
+
+@pytest.mark.parametrize("key, value, pattern", [
+    ("LR_SCHEDULER", "cosin", r"TRAIN.LR_SCHEDULER: unknown name 'cosin'; valid names are .*cosine"),
+    ("OPTIMIZER", "adagrad", r"TRAIN.OPTIMIZER: unknown name 'adagrad'; valid names are .*adam"),
+])
+def test_unknown_optimizer_or_scheduler_names_are_refused_with_the_valid_ones(key, value, pattern):
+    from mdeq.config import ConfigError
+    from mdeq.core.optim import check_names
+
+    cfg = get_default_config()
+    check_names(cfg)  # the defaults are valid
+    cfg.TRAIN[key] = value
+    with pytest.raises(ConfigError, match=pattern):
+        check_names(cfg)

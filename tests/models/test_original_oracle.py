@@ -13,7 +13,7 @@ import torch
 
 from mdeq.config import check_config, load_config
 from mdeq.models import get_cls_net
-from mdeq.utils.checkpoint import load_strict
+from mdeq.utils.state_dict import load_strict
 from original_format import DATA
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
