@@ -170,6 +170,7 @@ _C.TRAIN.CHECKPOINT = ""  # resume from this checkpoint file instead of the defa
 _C.TRAIN.MODEL_FILE = ""  # initialise every parameter from this file (strict)
 _C.TRAIN.BATCH_SIZE_PER_GPU = 32  # samples per GPU of the original; a step takes BATCH_SIZE_PER_GPU x len(GPUS) in all
 _C.TRAIN.ACCUM_STEPS = 0  # micro-batches per step in each process (0: the original per-GPU batches where possible)
+_C.TRAIN.PRETRAIN_COUNT = "scheduler"  # PRETRAIN_STEPS counts scheduler steps (original: epochs for step/multistep) or steps
 _C.TRAIN.PERCENT_MODE = "per_epoch"  # PERCENT < 1: per_epoch (original: fresh random part, full schedule) or fixed
 _C.TRAIN.SHUFFLE = True  # shuffle the training set each epoch
 _C.TRAIN.NUM_SAMPLES = 0  # segmentation: use only the first N training samples (0: all)

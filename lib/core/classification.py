@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import time
 from typing import Any, Dict, List, Sequence
 
@@ -12,16 +11,15 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from mdeq.core.data import BatchPlan, batch_plan, eval_loader, train_loader
-from mdeq.core.hooks import standard_hooks
+from mdeq.core.data import BatchPlan, eval_loader, train_loader
 from mdeq.core.metrics import correct_counts
-from mdeq.core.run import RunContext, setup_run
-from mdeq.core.trainer import Hook, Phase, Task, Trainer, progress
+from mdeq.core.run import RunContext, model_to_evaluate, setup_run
+from mdeq.core.trainer import Hook, Phase, Task, progress
+from mdeq.core.training import run_training
 from mdeq.datasets import dataset_info, get_cls_dataset
 from mdeq.models import get_cls_net
 from mdeq.utils import distributed as du
 from mdeq.utils.state_dict import load_pretrained, load_strict
-from mdeq.utils.summary import describe_model
 
 logger = logging.getLogger(__name__)
 
@@ -109,37 +107,20 @@ class ClassificationTask(Task):
 
 def run_train(args: argparse.Namespace, hooks: Sequence[Hook] = ()) -> Dict[str, Any]:
     """cls_train.py: trains, validates after every epoch, writes checkpoints; returns the last validation plus
-    ``best_top1`` and ``train_time``.
+    ``best_top1`` and ``train_time`` (see :func:`mdeq.core.training.run_training`).
 
     Args:
         args: the parsed command line.
         hooks: extra hooks (tests, benchmarks), called after the standard ones.
     """
-    ctx = setup_run(args, "train")
-    plan = batch_plan(ctx.cfg, ctx.world_size)
-    task = ClassificationTask(ctx, plan)
-    model = build_model(ctx)
-    logger.info(describe_model(model))
-    model = du.wrap_model(model, ctx.device)
-    trainer = Trainer(ctx, task, model, plan, standard_hooks(ctx, args.cfg, list(args.opts)) + list(hooks))
-    try:
-        result = trainer.run()
-    finally:
-        du.cleanup()
-    result["best_top1"] = result["best"]
-    return result
+    return run_training(args, ClassificationTask, build_model, hooks)
 
 
 def run_valid(args: argparse.Namespace) -> Dict[str, float]:
     """cls_valid.py: evaluates TEST.MODEL_FILE (ours or an original .pkl) on the whole test set."""
     ctx = setup_run(args, "valid")
     cfg = ctx.cfg
-    model_file = cfg.TEST.MODEL_FILE or os.path.join(ctx.output_dir, ClassificationTask.final_file)
-    if not cfg.TEST.MODEL_FILE and not os.path.isfile(model_file):
-        raise FileNotFoundError(f"no model to evaluate: pass --testModel PATH (or TEST.MODEL_FILE), or train "
-                                f"first so that {model_file} exists")
-    if not os.path.isfile(model_file):
-        raise FileNotFoundError(f"--testModel / TEST.MODEL_FILE {model_file} does not exist; check the path")
+    model_file = model_to_evaluate(ctx, ClassificationTask.final_file)
     info = dataset_info(cfg)
     model = get_cls_net(cfg, in_channels=info["in_channels"])
     fmt = load_strict(model, model_file)

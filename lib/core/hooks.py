@@ -87,7 +87,8 @@ def _cell(value: Any) -> str:
 
 class MetricsFilesHook(Hook):
     """Rank 0 writes ``metrics.csv`` (one row per epoch, appended and flushed after each validation) and, at the
-    end, ``results.json`` into the run's output folder. A resumed run appends to its own file."""
+    end, ``results.json`` and the plot ``metrics.png`` into the run's output folder. A resumed run appends to its
+    own file."""
 
     def __init__(self, ctx: RunContext, config_path: str, overrides: List[str]) -> None:
         self.csv_path = os.path.join(ctx.output_dir, "metrics.csv")
@@ -136,6 +137,21 @@ class MetricsFilesHook(Hook):
         with open(tmp, "w") as fh:
             json.dump(out, fh, indent=2)
         os.replace(tmp, self.json_path)
+        if self.rows or os.path.isfile(self.csv_path):
+            self._plot(os.path.dirname(self.csv_path))
+
+    @staticmethod
+    def _plot(folder: str) -> None:
+        """``metrics.png`` beside ``metrics.csv`` (needs matplotlib, the ``plot`` extra; skipped without it)."""
+        try:
+            from mdeq.utils.plotting import plot_runs
+
+            path = plot_runs([folder], os.path.join(folder, "metrics.png"))
+            logger.info("=> plotted the run into %s", path)
+        except ImportError:
+            logger.info("matplotlib is not installed: no metrics.png (pip install matplotlib, or the plot extra)")
+        except (OSError, ValueError) as exc:  # a plot must never fail a finished run
+            logger.warning("could not plot the run: %s", exc)
 
 
 def tensorboard_writer(ctx: RunContext) -> Optional[Any]:

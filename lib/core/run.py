@@ -94,3 +94,18 @@ def setup_run(args: argparse.Namespace, phase: str) -> RunContext:
     logger.info("device %s, %d process(es) (launcher: %s), torch %s, %d CPU threads", device, du.get_world_size(),
                 launcher_name(), torch.__version__, torch.get_num_threads())
     return RunContext(cfg=cfg, device=device, cfg_name=cfg_name, output_dir=output_dir, log_dir=log_dir)
+
+
+def model_to_evaluate(ctx: RunContext, final_file: str) -> str:
+    """The checkpoint an evaluation tool loads: TEST.MODEL_FILE (``--testModel``), else the run's final weights.
+
+    Raises:
+        FileNotFoundError: neither is there (the message says which and what to do).
+    """
+    model_file = ctx.cfg.TEST.MODEL_FILE or os.path.join(ctx.output_dir, final_file)
+    if not ctx.cfg.TEST.MODEL_FILE and not os.path.isfile(model_file):
+        raise FileNotFoundError(f"no model to evaluate: pass --testModel PATH (or TEST.MODEL_FILE), or train "
+                                f"first so that {model_file} exists")
+    if not os.path.isfile(model_file):
+        raise FileNotFoundError(f"--testModel / TEST.MODEL_FILE {model_file} does not exist; check the path")
+    return model_file

@@ -24,19 +24,18 @@ from torch import nn
 from torch.utils.data import DataLoader
 from yacs.config import CfgNode as CN
 
-from mdeq.core.data import BatchPlan, batch_plan, eval_loader, train_loader
-from mdeq.core.hooks import standard_hooks
+from mdeq.core.data import BatchPlan, eval_loader, train_loader
 from mdeq.core.metrics import confusion_matrix, iou_from_confusion, reduce_confusion
 from mdeq.core.optim import original_epoch_iters
-from mdeq.core.run import RunContext, setup_run
+from mdeq.core.run import RunContext, model_to_evaluate, setup_run
 from mdeq.core.seg_criterion import build_criterion
 from mdeq.core.seg_inference import InferenceSettings, PredictionWriter, predict_labels, settings_from_cfg
-from mdeq.core.trainer import Hook, Phase, Task, Trainer, TrainState, extra_phase_cfg, progress
+from mdeq.core.trainer import Hook, Phase, Task, TrainState, extra_phase_cfg, progress
+from mdeq.core.training import run_training
 from mdeq.datasets import get_seg_dataset
 from mdeq.models import get_seg_net
 from mdeq.utils import distributed as du
 from mdeq.utils.state_dict import load_pretrained, load_strict
-from mdeq.utils.summary import describe_model
 
 logger = logging.getLogger(__name__)
 
@@ -197,19 +196,7 @@ def run_train(args: argparse.Namespace, hooks: Sequence[Hook] = ()) -> Dict[str,
         The last validation (``mIoU``, ``IoU``, ``pixel_acc``, ...) plus ``best_mIoU``, ``train_time`` and
         ``rank``.
     """
-    ctx = setup_run(args, "train")
-    plan = batch_plan(ctx.cfg, ctx.world_size)
-    task = SegmentationTask(ctx, plan)
-    model, _ = build_model(ctx.cfg)
-    logger.info(describe_model(model))
-    model = du.wrap_model(model, ctx.device, sync_bn=task.sync_bn)
-    trainer = Trainer(ctx, task, model, plan, standard_hooks(ctx, args.cfg, list(args.opts)) + list(hooks))
-    try:
-        result = trainer.run()
-    finally:
-        du.cleanup()
-    result["best_mIoU"] = result["best"]
-    return result
+    return run_training(args, SegmentationTask, lambda ctx: build_model(ctx.cfg)[0], hooks)
 
 
 def run_test(args: argparse.Namespace) -> Dict[str, Any]:
@@ -226,10 +213,7 @@ def run_test(args: argparse.Namespace) -> Dict[str, Any]:
     """
     ctx = setup_run(args, "test")
     cfg = ctx.cfg
-    model_file = cfg.TEST.MODEL_FILE or os.path.join(ctx.output_dir, SegmentationTask.final_file)
-    if not cfg.TEST.MODEL_FILE and not os.path.isfile(model_file):
-        raise FileNotFoundError(f"no model to evaluate: pass --testModel PATH (or TEST.MODEL_FILE), or train "
-                                f"first so that {model_file} exists")
+    model_file = model_to_evaluate(ctx, SegmentationTask.final_file)
     model, fmt = load_test_model(cfg, model_file)
     logger.info("=> evaluating %s (format: %s)", model_file, fmt)
     model = model.to(ctx.device)

@@ -314,6 +314,9 @@ class Trainer:
                  hooks: Sequence[Hook] = ()) -> None:
         self.ctx, self.cfg, self.task, self.model, self.plan = ctx, ctx.cfg, task, model, plan
         self.hooks = list(hooks)
+        if self.cfg.TRAIN.PRETRAIN_COUNT not in ("scheduler", "steps"):
+            raise ValueError(f"TRAIN.PRETRAIN_COUNT: unknown value {self.cfg.TRAIN.PRETRAIN_COUNT!r}; use scheduler "
+                             f"(the original's count) or steps")
         self.phases = task.phases()
         self.last_epoch = self.phases[-1].end_epoch
         self.guard = BadStepGuard(self.cfg.TRAIN.MAX_BAD_STEPS, self.cfg.TRAIN.SKIP_DIVERGED)
@@ -350,6 +353,18 @@ class Trainer:
     def _build_optimizer(self, phase: Phase):
         optimizer = build_optimizer(phase.cfg, self.model)
         return optimizer, build_scheduler(phase.cfg, optimizer, phase.data.schedule_steps, phase.epoch_iters)
+
+    def model_step(self, step: int, epoch: int) -> int:
+        """The step count that decides unrolled or equilibrium mode (compared with TRAIN.PRETRAIN_STEPS).
+
+        The original passed its scheduler's step count: optimizer steps for per-step schedules (cosine), but
+        ``epoch + 1`` for the per-epoch step / multistep schedules, so that PRETRAIN_STEPS then counted epochs.
+        TRAIN.PRETRAIN_COUNT ``scheduler`` (default) does the same; ``steps`` always counts optimizer steps.
+        """
+        if self.cfg.TRAIN.PRETRAIN_COUNT == "scheduler" and self.cfg.TRAIN.LR_SCHEDULER.lower() in ("step",
+                                                                                                     "multistep"):
+            return epoch + 1
+        return step
 
     def request_stop(self, reason: str) -> None:
         """Asks the run to stop at the next step boundary (after writing a resumable checkpoint)."""
@@ -409,6 +424,7 @@ class Trainer:
         target = target.to(ctx.device, non_blocking=True)
         step = self.state.step
         self.state.batch = i  # the batch in flight, for the checkpoint written when training diverges
+        model_step = self.model_step(step, epoch)
         factor = jacobian_weight(cfg, step, epoch)
         compute_jac = factor > 0 and random.random() < cfg.LOSS.JAC_LOSS_FREQ
         if factor > 0:  # one decision per step for all processes, as the original's single process made it
@@ -422,18 +438,20 @@ class Trainer:
         total_sum: Optional[torch.Tensor] = None
         metrics: Dict[str, float] = {}
         infos: List[Dict[str, Any]] = []
+        kept: List[torch.Tensor] = []
         for k, (x, y) in enumerate(pieces):
             last = k == len(pieces) - 1
             sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
             with sync:
                 with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=amp):
-                    output, info = model(x, train_step=step, compute_jac_loss=compute_jac, return_info=True)
+                    output, info = model(x, train_step=model_step, compute_jac_loss=compute_jac, return_info=True)
                     loss = self.task.loss(output.float(), y)
                 total = loss + factor * info["jac_loss"] if info.get("jac_loss") is not None else loss
                 if len(pieces) > 1:
                     weight = x.shape[0] / n
                     (total * weight).backward()
                     loss, total = loss.detach() * weight, total.detach() * weight
+                    kept = self._first_micro_batch_buffers(model, k, kept)  # after backward: autograd saved them
                 else:
                     total.backward()
             loss_sum = loss if loss_sum is None else loss_sum + loss
@@ -455,6 +473,21 @@ class Trainer:
         return StepRecord(epoch=epoch, batch=i, batches=batches, step=step, n=n, loss=float(loss_sum.detach()),
                           metrics=metrics, lr=lr, mode=infos[-1]["mode"], applied=applied,
                           batch_time=time.time() - started, data_time=data_time, info=infos[-1])
+
+    @staticmethod
+    def _first_micro_batch_buffers(model: nn.Module, k: int, kept: List[torch.Tensor]) -> List[torch.Tensor]:
+        """Keeps the buffers (BatchNorm running statistics) as the first micro-batch of a step left them.
+
+        DataParallel kept only the first GPU's update of the running statistics, and DDP keeps rank 0's, which
+        trains on the first micro-batch of each global batch; so the later micro-batches of a step do not update
+        them either, and one process with micro-batches ends with the statistics of several processes.
+        """
+        if k == 0:
+            return [b.detach().clone() for b in model.buffers()]
+        with torch.no_grad():
+            for buffer, first in zip(model.buffers(), kept):
+                buffer.copy_(first)
+        return kept
 
     def _count_solver(self, infos: List[Dict[str, Any]]) -> None:
         """Adds the steps' solver statistics to the epoch and interval meters and counts the calls of f."""

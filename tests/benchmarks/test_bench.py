@@ -10,12 +10,12 @@ from typing import Any, Dict, List
 
 import pytest
 import torch
+from helpers.tiny import MODEL_4_8
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BENCH = os.path.join(ROOT, "benchmarks", "bench.py")
 CFG = os.path.join(ROOT, "experiments", "cifar", "cls_mdeq_TINY.yaml")
-TINY = ["MODEL.EXTRA.FULL_STAGE.NUM_CHANNELS", "[4, 8]", "MODEL.EXTRA.FULL_STAGE.HEAD_CHANNELS", "[2, 4]",
-        "MODEL.EXTRA.FULL_STAGE.FINAL_CHANSIZE", "8", "MODEL.NUM_GROUPS", "2", "MODEL.EXPANSION_FACTOR", "2",
+TINY = MODEL_4_8 + [
         "MODEL.IMAGE_SIZE", "[8, 8]", "MODEL.NUM_LAYERS", "3", "DEQ.F_THRES", "5", "DEQ.B_THRES", "6"]
 
 

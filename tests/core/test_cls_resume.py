@@ -7,11 +7,9 @@ masks, the Jacobian loss drawn with probability 0.5), so a random generator that
 is advanced differently after a resume, changes the weights.
 """
 import glob
-import logging
 import os
 import shutil
 
-import numpy as np
 import pytest
 import torch
 
@@ -19,6 +17,7 @@ from mdeq.config import parse_args
 from mdeq.core.classification import run_train
 from mdeq.core.trainer import Hook
 from mdeq.utils.cli import run_tool
+from helpers.kit import assert_same_tree, restore_process_state, write_fashion_mnist  # noqa: F401 (autouse fixture)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CFG = os.path.join(REPO, "experiments", "fashion_mnist", "cls_mdeq_quick.yaml")
@@ -31,6 +30,7 @@ TINY = [
     "TENSORBOARD", "False", "SEED", "0", "DETERMINISTIC", "True",
     "TRAIN.BATCH_SIZE_PER_GPU", "8", "TEST.BATCH_SIZE_PER_GPU", "16",
     "TRAIN.PRETRAIN_STEPS", "4",  # unrolled steps 0..3, equilibrium from the second epoch's second step
+    "TRAIN.PRETRAIN_COUNT", "steps",  # (with multistep the original would count epochs)
     "TRAIN.LR_SCHEDULER", "multistep", "TRAIN.LR_STEP", "[1]", "TRAIN.LR_FACTOR", "0.1",  # a drop at epoch 1
     "TRAIN.CHECKPOINT_EVERY_STEPS", "2",
     "DATASET.AUGMENT", "True", "MODEL.DROPOUT", "0.25",
@@ -38,44 +38,9 @@ TINY = [
 ]
 
 
-def write_idx(path, array):
-    array = np.asarray(array, dtype=np.uint8)
-    header = (0x0800 | array.ndim).to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    with open(path, "wb") as fh:
-        fh.write(header + array.tobytes())
-
-
 @pytest.fixture
 def fashion_root(tmp_path):
-    root = tmp_path / "fmnist"
-    root.mkdir()
-    rng = np.random.RandomState(0)
-    for prefix, n in (("train", 8 * STEPS_PER_EPOCH), ("t10k", 10)):
-        write_idx(str(root / f"{prefix}-images-idx3-ubyte"), rng.randint(0, 256, (n, 28, 28)))
-        write_idx(str(root / f"{prefix}-labels-idx1-ubyte"), rng.randint(0, 10, n))
-    return str(root)
-
-
-@pytest.fixture(autouse=True)
-def one_thread_and_restore():
-    """One thread (deterministic and fast on a shared machine); undo what an in-process tool run changes."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    for handler in list(root.handlers):
-        if handler not in handlers:
-            root.removeHandler(handler)
-            handler.close()
-    for handler in handlers:
-        if handler not in root.handlers:
-            root.addHandler(handler)
-    root.setLevel(level)
-    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
-    torch.set_num_threads(threads)
+    return write_fashion_mnist(str(tmp_path / "fmnist"), n_train=8 * STEPS_PER_EPOCH, n_test=10)
 
 
 def cls_train(argv, hooks=()):
@@ -112,22 +77,6 @@ def load(folder, name):
     return torch.load(os.path.join(folder, name), map_location="cpu", weights_only=True)
 
 
-def assert_tensors_equal(a, b, where=""):
-    """Nested dicts / lists of tensors and numbers are exactly equal."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert set(a) == set(b), where
-        for k in a:
-            assert_tensors_equal(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_tensors_equal(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, (where, a, b)
-
-
 def assert_same_training(a, b):
     """Same final weights (every tensor of final_state.pth.tar) and the same optimizer / scheduler state."""
     wa, wb = load(a, "final_state.pth.tar"), load(b, "final_state.pth.tar")
@@ -136,8 +85,8 @@ def assert_same_training(a, b):
     assert not different, f"{len(different)} tensors differ, e.g. {different[:5]}"
     ca, cb = load(a, "checkpoint.pth.tar"), load(b, "checkpoint.pth.tar")
     assert ca["epoch"] == cb["epoch"] == 2 and ca["step"] == cb["step"] == 2 * STEPS_PER_EPOCH
-    assert_tensors_equal(ca["optimizer"], cb["optimizer"], "optimizer")
-    assert_tensors_equal(ca["lr_scheduler"], cb["lr_scheduler"], "lr_scheduler")
+    assert_same_tree(ca["optimizer"], cb["optimizer"], "optimizer")
+    assert_same_tree(ca["lr_scheduler"], cb["lr_scheduler"], "lr_scheduler")
 
 
 def test_resume_gives_the_same_weights_as_one_run(tmp_path, fashion_root):

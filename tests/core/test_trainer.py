@@ -133,14 +133,14 @@ class _ListTask(Task):
         return nn.functional.cross_entropy(output, target)
 
 
-def _trainer(tmp_path, accum, batches, hooks=()):
+def _trainer(tmp_path, accum, batches, hooks=(), model=None):
     cfg = cfg_with(batch_size_per_gpu=8, accum_steps=accum, optimizer="sgd", lr=0.5, momentum=0.0, wd=0.0,
                    lr_scheduler="none", pretrain_steps=100)
     cfg.PRINT_FREQ = 1
     cfg.freeze()
     ctx = RunContext(cfg=cfg, device=torch.device("cpu"), cfg_name="t", output_dir=str(tmp_path),
                      log_dir=str(tmp_path))
-    return Trainer(ctx, _ListTask(cfg, batches), _Net(), batch_plan(cfg, 1), hooks)
+    return Trainer(ctx, _ListTask(cfg, batches), model or _Net(), batch_plan(cfg, 1), hooks)
 
 
 def test_accumulated_micro_batches_give_the_update_of_one_large_batch(tmp_path):
@@ -178,3 +178,38 @@ def test_hooks_see_every_step_and_can_stop_the_run(tmp_path):
                                ("backward", 1, 1), ("step", 1, 1, True, True)]
     ckpt = torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)
     assert (ckpt["epoch"], ckpt["batch"], ckpt["step"]) == (0, 2, 2)  # resumes with the third batch
+
+
+@pytest.mark.parametrize("scheduler, count, expected", [
+    ("cosine", "scheduler", [0, 1, 2, 3, 4, 5]),  # per-step schedule: optimizer steps, as the original
+    ("multistep", "scheduler", [1, 1, 1, 2, 2, 2]),  # the original's epoch + 1 with a per-epoch schedule
+    ("step", "scheduler", [1, 1, 1, 2, 2, 2]),
+    ("multistep", "steps", [0, 1, 2, 3, 4, 5]),
+])
+def test_pretraining_counts_what_the_original_counted(tmp_path, scheduler, count, expected):
+    trainer = _trainer(tmp_path, 1, [(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long))])
+    trainer.cfg.defrost()
+    trainer.cfg.TRAIN.LR_SCHEDULER, trainer.cfg.TRAIN.PRETRAIN_COUNT = scheduler, count
+    assert [trainer.model_step(step, step // 3) for step in range(6)] == expected
+
+
+class _BNNet(_Net):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(3)
+
+    def forward(self, x, train_step=-1, compute_jac_loss=False, return_info=False):
+        return super().forward(self.bn(x), train_step, compute_jac_loss, return_info)
+
+
+def test_micro_batches_keep_the_first_ones_batchnorm_statistics_as_data_parallel_did(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(8, 3, generator=g) * 3 + 1, torch.randint(0, 4, (8,), generator=g)
+    model = _BNNet()
+    trainer = _trainer(tmp_path, 2, [(x, y)], model=model)
+    trainer.train_epoch(trainer.phases[0], 0)
+    reference = _BNNet().train()
+    reference(x[:4])  # the first micro-batch alone, as GPU 0 / rank 0 saw it
+    assert torch.allclose(model.bn.running_mean, reference.bn.running_mean)
+    assert torch.allclose(model.bn.running_var, reference.bn.running_var)
+    assert int(model.bn.num_batches_tracked) == 1

@@ -1,18 +1,8 @@
-"""Test helpers of tests/datasets: puts this folder on sys.path (for ``cityscapes_fixture``) and offers fixtures.
-
-``cityscapes_root`` writes the tiny Cityscapes tree of ``cityscapes_fixture.make_cityscapes_fixture`` into a
-temporary folder and returns ``(root, written)``.
-"""
-import os
-import sys
-
+"""Fixtures of tests/datasets: ``cityscapes_root`` writes the tiny Cityscapes tree of
+:func:`helpers.cityscapes.make_cityscapes_fixture` into a temporary folder and returns ``(root, written)``."""
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-if HERE not in sys.path:
-    sys.path.insert(0, HERE)
-
-from cityscapes_fixture import make_cityscapes_fixture  # noqa: E402
+from helpers.cityscapes import make_cityscapes_fixture
 
 
 @pytest.fixture

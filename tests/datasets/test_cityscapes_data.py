@@ -9,7 +9,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from cityscapes_fixture import HEIGHT, WIDTH
+from helpers.cityscapes import HEIGHT, WIDTH
 
 from mdeq.config import load_config
 from mdeq.datasets import (CITYSCAPES_CLASS_NAMES, CITYSCAPES_CLASS_WEIGHTS, CITYSCAPES_PALETTE, BadFileError,

@@ -8,12 +8,11 @@ import torch
 
 from mdeq.config import check_config, load_config
 from mdeq.models import get_cls_net
+from helpers.tiny import MODEL_4_8
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-TINY = ["MODEL.EXTRA.FULL_STAGE.NUM_BRANCHES", "2", "MODEL.EXTRA.FULL_STAGE.NUM_CHANNELS", "[4, 8]",
-        "MODEL.EXTRA.FULL_STAGE.NUM_BLOCKS", "[1, 1]", "MODEL.EXTRA.FULL_STAGE.HEAD_CHANNELS", "[2, 4]",
-        "MODEL.EXTRA.FULL_STAGE.FINAL_CHANSIZE", "8", "MODEL.NUM_GROUPS", "2", "MODEL.EXPANSION_FACTOR", "2",
+TINY = MODEL_4_8 + [
         "MODEL.NUM_CLASSES", "3", "MODEL.WNORM", "True", "MODEL.DOWNSAMPLE_TIMES", "0",
         "DATASET.DATASET", "cifar10", "TRAIN.PRETRAIN_STEPS", "0",
         "DEQ.F_THRES", "200", "DEQ.B_THRES", "200", "DEQ.F_EPS", "1e-13", "DEQ.B_EPS", "1e-13",

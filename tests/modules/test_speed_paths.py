@@ -14,10 +14,9 @@ from mdeq.models import get_cls_net
 from mdeq.modules import optimizations
 from mdeq.modules.deq import DEQLayer, is_channels_last, list2vec, vec2list
 from mdeq.modules.solvers import broyden, lbroyden
+from helpers.tiny import MODEL_4_8
 
-TINY = ["MODEL.EXTRA.FULL_STAGE.NUM_BRANCHES", "2", "MODEL.EXTRA.FULL_STAGE.NUM_CHANNELS", "[4, 8]",
-        "MODEL.EXTRA.FULL_STAGE.NUM_BLOCKS", "[1, 1]", "MODEL.EXTRA.FULL_STAGE.HEAD_CHANNELS", "[2, 4]",
-        "MODEL.EXTRA.FULL_STAGE.FINAL_CHANSIZE", "8", "MODEL.NUM_GROUPS", "2", "MODEL.EXPANSION_FACTOR", "2",
+TINY = MODEL_4_8 + [
         "MODEL.NUM_CLASSES", "3", "MODEL.WNORM", "True", "MODEL.DOWNSAMPLE_TIMES", "0", "MODEL.NUM_LAYERS", "3",
         "DATASET.DATASET", "cifar10", "TRAIN.PRETRAIN_STEPS", "1", "DEQ.F_THRES", "8", "DEQ.B_THRES", "8",
         "MODEL.DROPOUT", "0.0"]

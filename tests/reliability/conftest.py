@@ -1,15 +1,11 @@
-"""Fixtures of the reliability tests: the ``kit`` of tests/tools (with its one-thread, state-restoring autouse
-fixture) and ``rel``, the helpers of rel_kit.py as a namespace."""
+"""Fixtures of the reliability tests: the ``kit`` of :mod:`helpers.kit` (with its one-thread, state-restoring autouse
+fixture) and ``rel``, the helpers of :mod:`helpers.rel` as a namespace."""
 import types
 
 import pytest
 
-import rel_kit
-
-# the fixtures of tests/tools: one thread per test and process state put back afterwards; the helper namespace
-restore_process_state = rel_kit.tools.restore_process_state
-kit = rel_kit.tools.kit
-skip_cifar_md5 = rel_kit.tools.skip_cifar_md5
+from helpers import rel as rel_kit
+from helpers.kit import kit, restore_process_state, skip_cifar_md5  # noqa: F401  (registered as fixtures)
 
 
 @pytest.fixture

@@ -12,7 +12,8 @@ import os
 import pytest
 import torch
 
-import rel_kit
+from helpers import rel as rel_kit
+from helpers.kit import assert_same_tree
 from mdeq.utils.checkpoint import CheckpointError, safe_load
 
 STEPS_PER_EPOCH = 3  # 24 training images, batch 8
@@ -42,30 +43,14 @@ def load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def assert_same_state(a, b, where=""):
-    """Nested dicts / lists of tensors and numbers are exactly equal."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert set(a) == set(b), where
-        for k in a:
-            assert_same_state(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same_state(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, (where, a, b)
-
-
 def assert_same_training(ref_dir, other_dir):
     wa, wb = load(os.path.join(ref_dir, "final_state.pth.tar")), load(os.path.join(other_dir, "final_state.pth.tar"))
     different = [k for k in wa if not torch.equal(wa[k], wb[k])]
     assert set(wa) == set(wb) and not different, f"{len(different)} tensors differ, e.g. {different[:5]}"
     ca, cb = load(os.path.join(ref_dir, "checkpoint.pth.tar")), load(os.path.join(other_dir, "checkpoint.pth.tar"))
     assert ca["epoch"] == cb["epoch"] and ca["step"] == cb["step"]
-    assert_same_state(ca["optimizer"], cb["optimizer"], "optimizer")
-    assert_same_state(ca["lr_scheduler"], cb["lr_scheduler"], "lr_scheduler")
+    assert_same_tree(ca["optimizer"], cb["optimizer"], "optimizer")
+    assert_same_tree(ca["lr_scheduler"], cb["lr_scheduler"], "lr_scheduler")
 
 
 def run(argv, log_file, **env):

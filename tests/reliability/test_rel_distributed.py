@@ -139,9 +139,8 @@ def test_audit_records_what_a_process_writes(rel, tmp_path):
 
     script = tmp_path / "probe.py"
     script.write_text(
-        "import os, sys\n"
-        f"sys.path.insert(0, {os.path.dirname(rel.HOOKS)!r})\n"
-        "import rel_hooks\n"
+        "import os\n"
+        "import rel_hooks  # from PYTHONPATH\n"
         "rel_hooks.install_audit()\n"
         "import numpy as np\n"
         "from mdeq.core import seg_inference\n"
@@ -152,7 +151,9 @@ def test_audit_records_what_a_process_writes(rel, tmp_path):
         f"open({str(tmp_path / 'a.txt')!r}).read()\n")
     audit = tmp_path / "audit"
     subprocess.run([sys.executable, str(script)], check=True, timeout=120,
-                   env=rel.env(REL_AUDIT_DIR=str(audit), REL_AUDIT_ROOT=str(tmp_path), RANK="3"))
+                   env=rel.env(REL_AUDIT_DIR=str(audit), REL_AUDIT_ROOT=str(tmp_path), RANK="3",
+                               PYTHONPATH=os.pathsep.join([os.path.dirname(rel.HOOKS)] + [
+                                   p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])))
     by_path, _ = writes(str(audit))
     assert set(by_path) == {str(tmp_path / n) for n in ("a.txt", "b.tmp", "b.bin", "c.png")}
     assert all(r == {3} for r in by_path.values())

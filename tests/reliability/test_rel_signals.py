@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-import rel_kit
+from helpers import rel as rel_kit
 
 SUB = os.path.join("fashion_mnist", "cls_mdeq_quick")
 STEPS = 3  # steps per epoch: 24 images, global batch 8

@@ -198,7 +198,7 @@ def test_torchrun_two_cpu_processes_match_single_process_valid(kit, tmp_path):
     assert len([f for f in logs if f.startswith("events.out.tfevents")]) == 1, logs  # ... and TensorBoard
     out_dir = os.path.join(out, "fashion_mnist", "cls_mdeq_quick")
     assert sorted(os.listdir(out_dir)) == ["checkpoint.pth.tar", "final_state.pth.tar", "metrics.csv",
-                                           "model_best.pth.tar", "results.json"]
+                                           "metrics.png", "model_best.pth.tar", "results.json"]
 
     text = kit.read_log(log_dir, "train")
     steps = kit.train_lines(text)

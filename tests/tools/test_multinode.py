@@ -88,7 +88,7 @@ def test_two_localhost_nodes_train_and_evaluate_like_one_node_with_two_processes
     def opts(name):
         return kit.TINY_MODEL + [
             "DATASET.ROOT", root, "OUTPUT_DIR", str(tmp_path / f"{name}_out"), "LOG_DIR", str(tmp_path / f"{name}_log"),
-            "TRAIN.BATCH_SIZE_PER_GPU", "4", "TEST.BATCH_SIZE_PER_GPU", "4", "TRAIN.END_EPOCH", "1",
+            "TRAIN.BATCH_SIZE_PER_GPU", "4", "GPUS", "(0, 1)", "TEST.BATCH_SIZE_PER_GPU", "4", "TRAIN.END_EPOCH", "1",
             "TRAIN.PRETRAIN_STEPS", "2", "SEED", "0", "DETERMINISTIC", "True", "DEVICE", "cpu",
             "DATASET.AUGMENT", "True", "MODEL.DROPOUT", "0.25", "TENSORBOARD", "False"]
 
@@ -227,7 +227,7 @@ def test_the_slurm_templates_train_like_one_node(kit, tmp_path):
     def opts(name):
         return kit.TINY_MODEL + [
             "DATASET.ROOT", root, "OUTPUT_DIR", str(tmp_path / f"{name}_out"), "LOG_DIR", str(tmp_path / f"{name}_log"),
-            "TRAIN.BATCH_SIZE_PER_GPU", "4", "TEST.BATCH_SIZE_PER_GPU", "4", "TRAIN.END_EPOCH", "1",
+            "TRAIN.BATCH_SIZE_PER_GPU", "4", "GPUS", "(0, 1)", "TEST.BATCH_SIZE_PER_GPU", "4", "TRAIN.END_EPOCH", "1",
             "TRAIN.PRETRAIN_STEPS", "1", "SEED", "0", "DETERMINISTIC", "True", "DEVICE", "cpu",
             "DATASET.AUGMENT", "True", "TENSORBOARD", "False"]
 

@@ -21,7 +21,6 @@ What can be asserted exactly, and why:
 The global batch is TRAIN.BATCH_SIZE_PER_GPU x len(GPUS) = 1 x 2 = 2 in both runs: one process loads batches of
 two images, two processes one image each.
 """
-import importlib.util
 import os
 import re
 import subprocess
@@ -32,11 +31,7 @@ import torch
 from mdeq.config import load_config
 from mdeq.models import get_seg_net
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-_spec = importlib.util.spec_from_file_location("_seg_ddp_rel_kit", os.path.join(os.path.dirname(HERE), "reliability",
-                                                                                "rel_kit.py"))
-rel = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(rel)
+from helpers import rel
 
 SUB = os.path.join("cityscapes", "seg_mdeq_SMALL")
 TOOL = os.path.join("tools", "seg_train.py")

@@ -1,6 +1,5 @@
 """End to end on the tiny Cityscapes fixture: seg_train.py (files, resume, extra phase), seg_test.py (mIoU against
 numpy on the label-id maps it writes, test-split submission files, two processes), extract_state_dict.py."""
-import importlib.util
 import os
 import pathlib
 import pickle
@@ -20,26 +19,18 @@ from mdeq.models import get_cls_net, get_seg_net
 from mdeq.utils.state_dict import load_pretrained
 from original_format import spec, write_original_cls
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "datasets"))
-from cityscapes_fixture import make_cityscapes_fixture  # noqa: E402
+from helpers.cityscapes import make_cityscapes_fixture
+from helpers.kit import load_tool
+from helpers.tiny import SEG_RUN
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CFG = str(ROOT / "experiments" / "cityscapes" / "seg_mdeq_SMALL.yaml")
-TINY = ["GPUS", "(0,)", "MODEL.EXTRA.FULL_STAGE.NUM_BRANCHES", "2", "MODEL.EXTRA.FULL_STAGE.NUM_CHANNELS", "[8, 16]",
-        "MODEL.EXTRA.FULL_STAGE.NUM_BLOCKS", "[1, 1]", "MODEL.EXPANSION_FACTOR", "1", "MODEL.NUM_GROUPS", "2",
-        "MODEL.F_THRES", "4", "MODEL.B_THRES", "4", "TRAIN.IMAGE_SIZE", "[64, 32]", "TRAIN.MULTI_SCALE", "False",
-        "TRAIN.BATCH_SIZE_PER_GPU", "2", "TEST.IMAGE_SIZE", "[64, 32]", "TEST.BASE_SIZE", "64",
-        "TEST.BATCH_SIZE_PER_GPU", "1", "WORKERS", "0", "PRINT_FREQ", "1", "TRAIN.PRETRAIN_STEPS", "1",
-        "SEED", "0", "TENSORBOARD", "False", "DEVICE", "cpu"]
+TINY = list(SEG_RUN)
 NUM_CLASSES = 19
 
 
 def _tool(name):
-    path = ROOT / ("pretrained_models" if name == "extract_state_dict" else "tools") / f"{name}.py"
-    module_spec = importlib.util.spec_from_file_location(f"_seg_tool_{name}", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module
+    return load_tool(name)
 
 
 def _last_value(text, key):

@@ -4,6 +4,19 @@ Every solver has the signature ``solver(f, x0, max_iter, tol, stop_mode="abs", *
 returns ``(z, stats)``; see :mod:`mdeq.modules.solvers.common` for the stopping semantics (per sample, or
 over the whole batch as the original implementations: option ``scope``) and the statistics. Unknown options
 raise ``TypeError``.
+
+The arguments every solver takes:
+
+* ``f``: map from a (B, D) tensor to a (B, D) tensor; row ``i`` of the output must depend only on row ``i``
+  of the input.
+* ``x0``: starting point, shape (B, D); ``max_iter``: iteration cap (at least 1).
+* ``tol``: a sample (or the batch, with scope ``batch``) stops once its stop-mode residual is below ``tol``;
+  ``stop_mode``: ``"abs"`` (``||f(z) - z||``) or ``"rel"`` (``||f(z) - z|| / (||f(z)|| + 1e-9)``).
+* ``check_every``: test whether every sample stopped only every this many iterations (fewer host
+  synchronisations on accelerators; stopped samples stay frozen meanwhile).
+* ``scope``: ``"sample"`` (each sample stops on its own) or ``"batch"`` (one residual for the batch, as the
+  originals); ``stall``: window of the originals' "no progress" stop (0: off); ``keep_start``: whether ``x0``
+  counts as a candidate for the result (False: the second generation's).
 """
 from __future__ import annotations
 

@@ -338,22 +338,12 @@ def broyden(f: FixedPointMap, x0: Tensor, max_iter: int, tol: float, stop_mode: 
       iteration can diverge after a few cycles.
 
     Args:
-        f: Map from a (B, D) tensor to a (B, D) tensor; row ``i`` of the output must depend only on row
-            ``i`` of the input.
-        x0: Starting point, shape (B, D).
-        max_iter: Iteration cap (at least 1).
-        tol: A sample stops once its stop-mode residual is below ``tol``.
-        stop_mode: ``"abs"`` (``||f(z) - z||``) or ``"rel"`` (``||f(z) - z|| / (||f(z)|| + 1e-9)``).
+        f, x0, max_iter, tol, stop_mode, check_every, scope, stall, keep_start: as for every solver (see
+            :mod:`mdeq.modules.solvers`).
         memory: Number of rank-one updates kept, M. ``None`` keeps all of them (``M = max_iter``, full
             Broyden); a smaller M bounds the memory (limited-memory Broyden).
-        check_every: Test whether every sample stopped only every this many iterations (fewer host
-            synchronisations on accelerators; stopped samples stay frozen meanwhile).
         overflow: ``"window"``, ``"restart"`` or ``"circular"``, see above; irrelevant when
             ``memory >= max_iter``.
-        scope: ``"sample"`` (each sample stops on its own) or ``"batch"`` (one residual for the batch, as
-            the originals); see :mod:`mdeq.modules.solvers.common`.
-        stall: Window of the originals' "no progress" stop (0: off).
-        keep_start: Whether ``x0`` counts as a candidate for the result (False: the second generation's).
 
     Returns:
         ``(z, stats)``: the best iterate of each sample, shape (B, D), and the statistics described in
@@ -447,10 +437,6 @@ def lbroyden(f: FixedPointMap, x0: Tensor, max_iter: int, tol: float, stop_mode:
         check_every: Test whether every sample stopped only every this many iterations.
         overflow: What happens once M updates are stored: ``"window"`` (newest M secant pairs),
             ``"restart"`` or ``"circular"``; see :func:`broyden`.
-        scope: ``"sample"`` (each sample stops on its own) or ``"batch"`` (one residual for the batch, as
-            the originals); see :mod:`mdeq.modules.solvers.common`.
-        stall: Window of the originals' "no progress" stop (0: off).
-        keep_start: Whether ``x0`` counts as a candidate for the result (False: the second generation's).
 
     Returns:
         ``(z, stats)`` as for :func:`broyden`.

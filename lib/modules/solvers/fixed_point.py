@@ -18,18 +18,8 @@ def fixed_point(f: FixedPointMap, x0: Tensor, max_iter: int, tol: float, stop_mo
     Converges when ``f`` is a contraction; slow when its Lipschitz constant is close to 1.
 
     Args:
-        f: Map from a (B, D) tensor to a (B, D) tensor; row ``i`` of the output must depend only on row
-            ``i`` of the input.
-        x0: Starting point, shape (B, D).
-        max_iter: Iteration cap (at least 1).
-        tol: A sample stops once its stop-mode residual is below ``tol``.
-        stop_mode: ``"abs"`` (``||f(z) - z||``) or ``"rel"`` (``||f(z) - z|| / (||f(z)|| + 1e-9)``).
-        check_every: Test whether every sample stopped only every this many iterations (fewer host
-            synchronisations on accelerators; stopped samples stay frozen meanwhile).
-        scope: ``"sample"`` (each sample stops on its own) or ``"batch"`` (one residual for the batch, as
-            the originals); see :mod:`mdeq.modules.solvers.common`.
-        stall: Window of the originals' "no progress" stop (0: off).
-        keep_start: Whether ``x0`` counts as a candidate for the result (False: the second generation's).
+        f, x0, max_iter, tol, stop_mode, check_every, scope, stall, keep_start: as for every solver (see
+            :mod:`mdeq.modules.solvers`).
 
     Returns:
         ``(z, stats)``: the best iterate of each sample, shape (B, D), and the statistics described in

@@ -1,13 +1,11 @@
-"""Helpers of the reliability tests (tests/reliability), importable as ``rel_kit`` by the tests of this folder and
-handed out by its conftest as the ``rel`` fixture.
+"""Helpers of the fault tests (tests/reliability and the multi-process tool tests), handed out by
+tests/reliability/conftest.py as the ``rel`` fixture.
 
-The tool-test helpers of tests/tools/conftest.py (tiny model options, data fixtures in the real on-disk formats,
-running a tool in-process or in a subprocess) are loaded from that file as ``tools``; this module adds what the
-fault tests need on top: fingerprints of folders, segmentation options, and running a tool through
-``rel_hooks.py`` (in a subprocess, with a fault injected on cue) and killing it.
+On top of :mod:`helpers.kit` (available here as ``tools``): fingerprints of folders, the segmentation run
+options, and running a tool through ``tests/reliability/rel_hooks.py`` (in a subprocess, with a fault injected
+on cue) and killing it.
 """
 import hashlib
-import importlib.util
 import os
 import signal
 import subprocess
@@ -16,32 +14,15 @@ import time
 
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-TESTS = os.path.dirname(HERE)
+from helpers import kit as tools
+from helpers.cityscapes import make_cityscapes_fixture
+from helpers.tiny import SEG_RUN
+
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPO = os.path.dirname(TESTS)
-HOOKS = os.path.join(HERE, "rel_hooks.py")
+HOOKS = os.path.join(TESTS, "reliability", "rel_hooks.py")
 SEG_CFG = os.path.join(REPO, "experiments", "cityscapes", "seg_mdeq_SMALL.yaml")
-
-
-def _load(name, path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-tools = _load("_rel_tools_conftest", os.path.join(TESTS, "tools", "conftest.py"))
-_cityscapes = _load("_rel_cityscapes_fixture", os.path.join(TESTS, "datasets", "cityscapes_fixture.py"))
-
-# A segmentation model of two branches with 8 and 16 channels, on 64x32 crops of the tiny Cityscapes fixture.
-SEG_TINY = [
-    "GPUS", "(0,)", "MODEL.EXTRA.FULL_STAGE.NUM_BRANCHES", "2", "MODEL.EXTRA.FULL_STAGE.NUM_CHANNELS", "[8, 16]",
-    "MODEL.EXTRA.FULL_STAGE.NUM_BLOCKS", "[1, 1]", "MODEL.EXPANSION_FACTOR", "1", "MODEL.NUM_GROUPS", "2",
-    "MODEL.F_THRES", "4", "MODEL.B_THRES", "4", "MODEL.PRETRAINED", "",
-    "TRAIN.IMAGE_SIZE", "[64, 32]", "TRAIN.MULTI_SCALE", "False", "TRAIN.BATCH_SIZE_PER_GPU", "2",
-    "TRAIN.PRETRAIN_STEPS", "1", "TEST.IMAGE_SIZE", "[64, 32]", "TEST.BASE_SIZE", "64", "TEST.BATCH_SIZE_PER_GPU", "1",
-    "WORKERS", "0", "PRINT_FREQ", "1", "SEED", "0", "TENSORBOARD", "False", "DEVICE", "cpu",
-]
+SEG_TINY = SEG_RUN + ["MODEL.PRETRAINED", ""]
 
 
 def fingerprint(folder):
@@ -110,4 +91,4 @@ def read(path):
 
 
 def make_cityscapes(root):
-    return _cityscapes.make_cityscapes_fixture(root)
+    return make_cityscapes_fixture(root)

@@ -1,11 +1,7 @@
 """Writes a tiny Cityscapes tree in the real on-disk layout, for tests.
 
-How to use it: ``tests/datasets/conftest.py`` puts this folder on ``sys.path`` while tests under
-``tests/datasets`` run and offers the pytest fixture ``cityscapes_root``. Tests in other folders import it
-after adding this folder to ``sys.path`` themselves, inside the test module::
-
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "datasets"))
-    from cityscapes_fixture import make_cityscapes_fixture
+How to use it: ``from helpers.cityscapes import make_cityscapes_fixture``; ``tests/datasets/conftest.py``
+offers it as the pytest fixture ``cityscapes_root``.
 
 The tree (``root`` plays the part of ``data/``)::
 
