@@ -50,6 +50,21 @@ def iou_table(iou: Sequence[float], class_names: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+class _SolverRecorder(nn.Module):
+    """Calls the network and keeps the forward solver's steps of every call (for the validation statistics)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.nsteps: List[torch.Tensor] = []
+
+    def forward(self, image: torch.Tensor, train_step: int = -1) -> torch.Tensor:
+        logits, info = self.net(image, train_step=train_step, return_info=True)
+        if info.get("forward"):
+            self.nsteps.append(info["forward"]["nstep"].detach().double())
+        return logits
+
+
 @torch.no_grad()
 def validate(ctx: RunContext, loader: DataLoader, model: nn.Module, settings: InferenceSettings,
              num_classes: int, class_names: Sequence[str] = (),
@@ -70,10 +85,10 @@ def validate(ctx: RunContext, loader: DataLoader, model: nn.Module, settings: In
 
     Returns:
         ``{"IoU": (K,) per-class IoU array, "mIoU": mean over all K classes, "pixel_acc": float,
-        "confusion": (K, K) int64 array, "count": images evaluated (all ranks), "time": seconds}``.
+        "confusion": (K, K) int64 array, "count": images evaluated (all ranks), "forward_nstep": mean forward
+        solver steps per call of the network, "time": seconds}``.
     """
-    net = du.unwrap_model(model)
-    net.eval()
+    net = _SolverRecorder(du.unwrap_model(model)).eval()
     start = time.time()
     ignore = ctx.cfg.TRAIN.IGNORE_LABEL
     conf = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=ctx.device)
@@ -92,18 +107,23 @@ def validate(ctx: RunContext, loader: DataLoader, model: nn.Module, settings: In
             prediction_writer.write(images, preds, names)
     conf = reduce_confusion(conf)
     count = reduce_confusion(count)
+    steps = torch.tensor([float(sum(net.nsteps)) if net.nsteps else 0.0, float(len(net.nsteps))],
+                         dtype=torch.float64, device=ctx.device)
+    du.all_reduce_sum(steps)
     conf_np = conf.cpu().numpy()
     iou, mean_iou, pixel_acc = iou_from_confusion(conf_np)
     result = {"IoU": iou, "mIoU": mean_iou, "pixel_acc": pixel_acc, "confusion": conf_np,
-              "count": int(count.item()), "time": time.time() - start}
+              "count": int(count.item()), "forward_nstep": float(steps[0]) / max(float(steps[1]), 1.0),
+              "time": time.time() - start}
     labelled = int(conf_np.sum())
     if labelled == 0:
         logger.info("Test: Time %.3f\t(%d images without labelled pixels: nothing to score)", result["time"],
                     result["count"])
     else:
         logger.info("Per-class IoU:\n%s", iou_table(iou, class_names))
-        logger.info("Test: Time %.3f\tmIoU %.4f\tPixel accuracy %.4f\t(%d images, %d labelled pixels)",
-                    result["time"], mean_iou, pixel_acc, result["count"], labelled)
+        logger.info("Test: Time %.3f\tmIoU %.4f\tPixel accuracy %.4f\t(%d images, %d labelled pixels, forward "
+                    "nstep %.1f)", result["time"], mean_iou, pixel_acc, result["count"], labelled,
+                    result["forward_nstep"])
     return result
 
 

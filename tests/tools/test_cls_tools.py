@@ -5,6 +5,8 @@ equilibrium phase, the files they write, the original's log format, evaluation o
 original-format checkpoint against a direct forward pass, distributed training and evaluation on CPU (torchrun
 and the legacy launcher) against single-process evaluation, and one-line errors for bad input.
 """
+import csv
+import json
 import os
 
 import pytest
@@ -12,8 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from mdeq.config import load_config
-from mdeq.config import parse_args
+from mdeq.config import load_config, parse_args
 from mdeq.datasets import dataset_info, get_cls_dataset
 from mdeq.models import get_cls_net
 from original_format import spec, write_original_cls
@@ -78,6 +79,18 @@ def train_then_validate(kit, tmp_path, cfg_file, dataset, data_opts, n_val, step
         steps_per_epoch - 1)
     tests = kit.test_lines(text)
     assert len(tests) == 2 and all(int(t["count"]) == n_val for t in tests)
+    # the run's metrics files: one row per epoch with the accuracy the log printed, and the results
+    with open(os.path.join(out_dir, "metrics.csv")) as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(int(r["epoch"]), int(r["step"])) for r in rows] == [(1, steps_per_epoch), (2, 2 * steps_per_epoch)]
+    assert [float(r["valid_top1"]) for r in rows] == pytest.approx([float(t["top1"]) for t in tests], abs=1e-3)
+    assert [r["phase"] for r in rows] == ["unrolled", "mixed"] and rows[0]["forward_nstep"] == ""
+    assert int(rows[1]["f_calls_forward"]) > int(rows[0]["f_calls_forward"]) == 2 * steps_per_epoch
+    with open(os.path.join(out_dir, "results.json")) as fh:
+        results = json.load(fh)
+    assert results["metric"] == "top1" and results["epochs"] == 2
+    assert results["best"] == pytest.approx(max(float(r["valid_top1"]) for r in rows), abs=1e-4)
+    assert os.path.getsize(os.path.join(out_dir, "metrics.png")) > 1000
     for t in tests:
         assert float(t["err1"]) == pytest.approx(100 - float(t["top1"]), abs=1.5e-3)
         assert float(t["err5"]) == pytest.approx(100 - float(t["top5"]), abs=1.5e-3)

@@ -1,5 +1,7 @@
 """End to end on the tiny Cityscapes fixture: seg_train.py (files, resume, extra phase), seg_test.py (mIoU against
 numpy on the label-id maps it writes, test-split submission files, two processes), extract_state_dict.py."""
+import csv
+import json
 import os
 import pathlib
 import pickle
@@ -80,6 +82,15 @@ def test_seg_train_writes_checkpoints_and_resumes_into_the_extra_phase(workspace
     logs = "".join(p.read_text() for p in (workspace["base"] / "log").rglob("*_train.log"))
     assert "resumed from" in logs and "extra phase" in logs and "Per-class IoU" in logs and "sidewalk" in logs
     assert "unrolled" in logs and "equilibrium" in logs and "Fwd nstep" in logs
+    # one metrics row per epoch, appended across the resume, with segmentation's columns and the solver's
+    with open(out / "metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3] and [r["phase"] for r in rows][-1] == "equilibrium"
+    assert all(0.0 <= float(r["valid_mIoU"]) <= 1.0 and r["valid_top1"] == "" for r in rows)
+    assert float(rows[-1]["valid_forward_nstep"]) > 0 and float(rows[-1]["forward_nstep"]) > 0
+    assert int(rows[-1]["f_calls_forward"]) > int(rows[0]["f_calls_forward"]) > 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["metric"] == "mIoU" and results["best"] == pytest.approx(ckpt["best_mIoU"])
 
 
 def _numpy_miou(pred_dir, val_items):
