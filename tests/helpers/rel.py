@@ -85,6 +85,20 @@ def kill_group(proc):
     proc.wait(timeout=30)
 
 
+def run_to_end(args, env, log_path, timeout=300):
+    """Runs ``python args...`` in its own process group with output to ``log_path`` until it ends (killed with its
+    group if the test fails or times out first); returns (exit code, output)."""
+    proc, fh = start(args, env, log_path)
+    try:
+        code = proc.wait(timeout=timeout)
+    except BaseException:
+        kill_group(proc)
+        raise
+    finally:
+        fh.close()
+    return code, read(log_path)
+
+
 def read(path):
     with open(path, errors="replace") as fh:
         return fh.read()

@@ -15,4 +15,4 @@ def rel():
         REPO=rel_kit.REPO, HOOKS=rel_kit.HOOKS, SEG_CFG=rel_kit.SEG_CFG, SEG_TINY=list(rel_kit.SEG_TINY),
         fingerprint=rel_kit.fingerprint, partial_files=rel_kit.partial_files, hooked=rel_kit.hooked,
         env=rel_kit.subprocess_env, start=rel_kit.start, wait_for=rel_kit.wait_for, kill_group=rel_kit.kill_group,
-        read=rel_kit.read, make_cityscapes=rel_kit.make_cityscapes)
+        read=rel_kit.read, run_to_end=rel_kit.run_to_end, make_cityscapes=rel_kit.make_cityscapes)

@@ -55,15 +55,8 @@ def assert_same_training(ref_dir, other_dir):
 
 def run(argv, log_file, **env):
     """A cls_train run in a subprocess through rel_hooks.py, to the end; returns its output."""
-    proc, fh = rel_kit.start(rel_kit.hooked("cls_train", argv), rel_kit.subprocess_env(**env), log_file)
-    try:
-        code = proc.wait(timeout=240)
-    except BaseException:
-        rel_kit.kill_group(proc)
-        raise
-    finally:
-        fh.close()
-    output = rel_kit.read(log_file)
+    code, output = rel_kit.run_to_end(rel_kit.hooked("cls_train", argv), rel_kit.subprocess_env(**env), log_file,
+                                      timeout=240)
     assert code == 0, output[-4000:]
     return output
 

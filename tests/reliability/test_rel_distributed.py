@@ -27,16 +27,9 @@ def torchrun(kit, rel, tmp_path, tool, argv, name, restarts=0, timeout=300, **en
     audit = str(tmp_path / f"audit_{name}")
     args = ["-m", "torch.distributed.run", "--nproc_per_node=2", f"--max-restarts={restarts}",
             "--monitor-interval=0.5", f"--master_port={kit.free_port()}"] + rel.hooked(tool, argv)
-    proc, fh = rel.start(args, rel.env(REL_AUDIT_DIR=audit, REL_AUDIT_ROOT=str(tmp_path), **env),
-                         str(tmp_path / f"{name}.txt"))
-    try:
-        code = proc.wait(timeout=timeout)
-    except BaseException:
-        rel.kill_group(proc)
-        raise
-    finally:
-        fh.close()
-    return code, rel.read(str(tmp_path / f"{name}.txt")), audit
+    code, output = rel.run_to_end(args, rel.env(REL_AUDIT_DIR=audit, REL_AUDIT_ROOT=str(tmp_path), **env),
+                                  str(tmp_path / f"{name}.txt"), timeout=timeout)
+    return code, output, audit
 
 
 def writes(audit):

@@ -41,16 +41,7 @@ def launch(data, name, args, processes, **env):
     if processes > 1:
         cmd = ["-m", "torch.distributed.run", f"--nproc_per_node={processes}",
                f"--master_port={rel_kit.tools.free_port()}"] + cmd
-    log_file = str(data["base"] / f"{name}.txt")
-    proc, fh = rel_kit.start(cmd, rel_kit.subprocess_env(**env), log_file)
-    try:
-        code = proc.wait(timeout=300)
-    except BaseException:
-        rel_kit.kill_group(proc)
-        raise
-    finally:
-        fh.close()
-    return code, rel_kit.read(log_file)
+    return rel_kit.run_to_end(cmd, rel_kit.subprocess_env(**env), str(data["base"] / f"{name}.txt"))
 
 
 def weights(data, name):
