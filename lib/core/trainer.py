@@ -425,7 +425,7 @@ class Trainer:
         step = self.state.step
         self.state.batch = i  # the batch in flight, for the checkpoint written when training diverges
         model_step = self.model_step(step, epoch)
-        factor = jacobian_weight(cfg, step, epoch)
+        factor = jacobian_weight(cfg, model_step, epoch)  # the loss of the mode the model is in
         compute_jac = factor > 0 and random.random() < cfg.LOSS.JAC_LOSS_FREQ
         if factor > 0:  # one decision per step for all processes, as the original's single process made it
             compute_jac = du.same_on_all_ranks(compute_jac, ctx.device)

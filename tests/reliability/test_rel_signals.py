@@ -61,12 +61,14 @@ def references(data):
     return out
 
 
-@pytest.mark.parametrize("processes, signal_name, rank", [(1, "SIGTERM", 0), (1, "SIGUSR1", 0),
-                                                          (2, "SIGTERM", 1)])
+@pytest.mark.parametrize("processes, signal_name, rank, fixed_step", [
+    (1, "SIGTERM", 0, None), (1, "SIGUSR1", 0, None), (2, "SIGTERM", 1, None),
+    (1, "SIGTERM", 0, STEPS),  # in the last step of an epoch: the checkpoint is before that epoch's validation
+])
 def test_a_signal_at_a_random_step_stops_cleanly_and_resumes_to_the_same_weights(data, references, processes,
-                                                                                 signal_name, rank):
+                                                                                 signal_name, rank, fixed_step):
     seed = time.time_ns() % 100000
-    step = random.Random(seed).randint(1, 2 * STEPS - 1)  # counted from 1: the step during which it arrives
+    step = fixed_step or random.Random(seed).randint(1, 2 * STEPS - 1)  # counted from 1: the step it arrives in
     where = f"(seed {seed}: signal in step {step}, {processes} process(es))"
     name = f"sig{processes}_{signal_name}_{step}"
     args = argv(data, name, "AUTO_RESUME", "True")
@@ -79,7 +81,8 @@ def test_a_signal_at_a_random_step_stops_cleanly_and_resumes_to_the_same_weights
         assert code == 3 and "Traceback" not in output, (where, output[-4000:])
     folder = os.path.join(str(data["base"] / f"{name}_out"), SUB)
     ckpt = torch.load(os.path.join(folder, "checkpoint.pth.tar"), map_location="cpu", weights_only=True)
-    epoch, batch = divmod(step, STEPS)  # it stops after the step it arrived in
+    epoch, batch = divmod(step - 1, STEPS)  # it stops after the step it arrived in (batch counts from 0) ...
+    batch += 1  # ... and resumes with the next batch (after the last one of an epoch: that epoch's validation)
     assert (ckpt["epoch"], ckpt["batch"], ckpt["step"]) == (epoch, batch, step), where
     assert f"stopped: received {signal_name}" in output and "AUTO_RESUME True" in output, where
     assert not os.path.exists(os.path.join(folder, "final_state.pth.tar")), where
