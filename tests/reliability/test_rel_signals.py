@@ -70,7 +70,7 @@ def test_a_signal_at_a_random_step_stops_cleanly_and_resumes_to_the_same_weights
     seed = time.time_ns() % 100000
     step = fixed_step or random.Random(seed).randint(1, 2 * STEPS - 1)  # counted from 1: the step it arrives in
     where = f"(seed {seed}: signal in step {step}, {processes} process(es))"
-    name = f"sig{processes}_{signal_name}_{step}"
+    name = f"sig{processes}_{signal_name}_{step}_{'fixed' if fixed_step else 'random'}"
     args = argv(data, name, "AUTO_RESUME", "True")
     started = time.time()
     code, output = launch(data, name, args, processes, REL_SIGNAL_AT_STEP=step, REL_SIGNAL=signal_name,
