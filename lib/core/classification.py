@@ -14,7 +14,8 @@ from torch.utils.data import DataLoader
 from mdeq.core.data import BatchPlan, eval_loader, train_loader
 from mdeq.core.metrics import correct_counts
 from mdeq.core.run import RunContext, model_to_evaluate, setup_run
-from mdeq.core.trainer import Hook, Phase, Task, progress
+from mdeq.core.events import Hook, Phase, Task
+from mdeq.core.trainer import progress
 from mdeq.core.training import run_training
 from mdeq.datasets import dataset_info, get_cls_dataset
 from mdeq.models import get_cls_net

@@ -12,7 +12,8 @@ import os
 from typing import Any, Dict, List, Optional
 
 from mdeq.core.run import RunContext
-from mdeq.core.trainer import EpochSummary, Hook, StepRecord, Trainer, eta_text, solver_text
+from mdeq.core.events import EpochSummary, Hook, StepRecord
+from mdeq.core.trainer import Trainer, eta_text, solver_text
 from mdeq.utils import distributed as du
 
 logger = logging.getLogger(__name__)

@@ -30,7 +30,8 @@ from mdeq.core.optim import original_epoch_iters
 from mdeq.core.run import RunContext, model_to_evaluate, setup_run
 from mdeq.core.seg_criterion import build_criterion
 from mdeq.core.seg_inference import InferenceSettings, PredictionWriter, predict_labels, settings_from_cfg
-from mdeq.core.trainer import Hook, Phase, Task, TrainState, extra_phase_cfg, progress
+from mdeq.core.events import Hook, Phase, Task, TrainState
+from mdeq.core.trainer import extra_phase_cfg, progress
 from mdeq.core.training import run_training
 from mdeq.datasets import get_seg_dataset
 from mdeq.models import get_seg_net

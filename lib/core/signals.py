@@ -15,7 +15,8 @@ import subprocess
 import threading
 from typing import Any, Dict, List
 
-from mdeq.core.trainer import Hook, Trainer
+from mdeq.core.events import Hook
+from mdeq.core.trainer import Trainer
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,8 @@ from torch import nn
 from mdeq.core.data import BatchPlan, batch_plan
 from mdeq.core.hooks import standard_hooks
 from mdeq.core.run import RunContext, setup_run
-from mdeq.core.trainer import Hook, Task, Trainer
+from mdeq.core.events import Hook, Task
+from mdeq.core.trainer import Trainer
 from mdeq.utils import distributed as du
 from mdeq.utils.summary import describe_model
 

@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 
 from mdeq.config import parse_args
 from mdeq.core.classification import run_train
-from mdeq.core.trainer import Hook
+from mdeq.core.events import Hook
 from mdeq.tools._common import resolve_cfg_argv
 from mdeq.utils.cli import run_tool
 
