@@ -12,8 +12,10 @@ MODEL_4_8 = [
 
 # A classification run of the training tools: two 8-channel branches, 3 solver steps, one log line a step.
 # GPUS (0,): TRAIN.BATCH_SIZE_PER_GPU is the whole batch of a step (the shipped yamls name up to 8 GPUs).
+# MODEL.CHANNELS_LAST false: the yamls' "auto" decides by timing at each start, which would make runs that are
+# compared bit for bit (resume, signals) depend on the machine's load.
 CLS_RUN = [
-    "GPUS", "(0,)",
+    "GPUS", "(0,)", "MODEL.CHANNELS_LAST", "false",
     "MODEL.EXTRA.FULL_STAGE.NUM_BRANCHES", "2",
     "MODEL.EXTRA.FULL_STAGE.NUM_BLOCKS", "[1, 1]",
     "MODEL.EXTRA.FULL_STAGE.NUM_CHANNELS", "[8, 8]",
