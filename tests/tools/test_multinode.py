@@ -82,15 +82,20 @@ def _static_nodes():
              f"--master_port={port}"] for k in range(2)]
 
 
+def _run_opts(kit, root, tmp_path, name, pretrain_steps):
+    """One epoch of the tiny model, global batch 8 = 2 x 4 (two processes of 4 images), random augmentation."""
+    return kit.TINY_MODEL + [
+        "DATASET.ROOT", root, "OUTPUT_DIR", str(tmp_path / f"{name}_out"), "LOG_DIR", str(tmp_path / f"{name}_log"),
+        "TRAIN.BATCH_SIZE_PER_GPU", "4", "GPUS", "(0, 1)", "TEST.BATCH_SIZE_PER_GPU", "4", "TRAIN.END_EPOCH", "1",
+        "TRAIN.PRETRAIN_STEPS", pretrain_steps, "SEED", "0", "DETERMINISTIC", "True", "DEVICE", "cpu",
+        "DATASET.AUGMENT", "True", "TENSORBOARD", "False"]
+
+
 def test_two_localhost_nodes_train_and_evaluate_like_one_node_with_two_processes(kit, tmp_path):
     root = kit.write_fashion_mnist(str(tmp_path / "fmnist"), n_train=24, n_test=11)
 
     def opts(name):
-        return kit.TINY_MODEL + [
-            "DATASET.ROOT", root, "OUTPUT_DIR", str(tmp_path / f"{name}_out"), "LOG_DIR", str(tmp_path / f"{name}_log"),
-            "TRAIN.BATCH_SIZE_PER_GPU", "4", "GPUS", "(0, 1)", "TEST.BATCH_SIZE_PER_GPU", "4", "TRAIN.END_EPOCH", "1",
-            "TRAIN.PRETRAIN_STEPS", "2", "SEED", "0", "DETERMINISTIC", "True", "DEVICE", "cpu",
-            "DATASET.AUGMENT", "True", "MODEL.DROPOUT", "0.25", "TENSORBOARD", "False"]
+        return _run_opts(kit, root, tmp_path, name, "2") + ["MODEL.DROPOUT", "0.25"]
 
     train = [os.path.join("tools", "cls_train.py"), "--cfg", kit.FASHION_CFG]
     one = _launch_nodes(kit, tmp_path, "one_node", _one_node(), train + opts("one"))
@@ -225,11 +230,7 @@ def test_the_slurm_templates_train_like_one_node(kit, tmp_path):
     root = kit.write_fashion_mnist(str(tmp_path / "fmnist"), n_train=16, n_test=6)
 
     def opts(name):
-        return kit.TINY_MODEL + [
-            "DATASET.ROOT", root, "OUTPUT_DIR", str(tmp_path / f"{name}_out"), "LOG_DIR", str(tmp_path / f"{name}_log"),
-            "TRAIN.BATCH_SIZE_PER_GPU", "4", "GPUS", "(0, 1)", "TEST.BATCH_SIZE_PER_GPU", "4", "TRAIN.END_EPOCH", "1",
-            "TRAIN.PRETRAIN_STEPS", "1", "SEED", "0", "DETERMINISTIC", "True", "DEVICE", "cpu",
-            "DATASET.AUGMENT", "True", "TENSORBOARD", "False"]
+        return _run_opts(kit, root, tmp_path, name, "1")
 
     _launch_nodes(kit, tmp_path, "one_node", _one_node(),
                   [os.path.join("tools", "cls_train.py"), "--cfg", kit.FASHION_CFG] + opts("one"))
