@@ -371,11 +371,11 @@ class Trainer:
                 self.interval_solver.reset()
             for hook in self.hooks:
                 hook.on_step_end(self, record)
-            if every > 0 and self.state.step % every == 0 and i + 1 < batches:
-                self.save_checkpoint(epoch, i + 1, self.state.best)
-            if self._stop_now():
+            if self._stop_now():  # (this checkpoint also serves as the periodic one of this step)
                 self.save_checkpoint(epoch, i + 1, self.state.best)
                 raise self._stopped(epoch, i + 1)
+            if every > 0 and self.state.step % every == 0 and i + 1 < batches:
+                self.save_checkpoint(epoch, i + 1, self.state.best)
             end = time.time()
         self.state.batch = 0
         out = {key: m.avg for key, m in meters.items()}
