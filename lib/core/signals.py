@@ -40,6 +40,10 @@ def signal_number(name: str) -> int:
     return int(number)
 
 
+def _ignore_signal(signum: int, frame: Any) -> None:
+    """A Python signal handler that does nothing."""
+
+
 class StopOnSignal(Hook):
     """Installs handlers for the given signals while the run lasts and turns a signal into a clean stop."""
 
@@ -54,10 +58,13 @@ class StopOnSignal(Hook):
         self.received.append(signum)
         if self.trainer is not None and self.trainer.stop_reason is None:
             self.trainer.request_stop(f"received {signal.Signals(signum).name}")
-        # A signal to the whole process group (SLURM) also ends the data loader's workers. The loader would raise
-        # from its SIGCHLD handler in the middle of the step; the run stops before it fetches the next batch.
-        if hasattr(signal, "SIGCHLD"):
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        # A signal to the whole process group (SLURM, timeout) also ends the data loader's workers. The loader
+        # would raise from its SIGCHLD handler in the middle of the step; the run stops before it fetches the next
+        # batch. The replacement is a Python handler that does nothing, not SIG_DFL: a SIGCHLD that arrived
+        # before this point but is handled after it would otherwise be reported by Python as "ignored due to
+        # race condition" with a traceback on stderr.
+        if hasattr(signal, "SIGCHLD") and signal.SIGCHLD not in self.previous:
+            self.previous[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, _ignore_signal)
 
     def on_run_start(self, trainer: Trainer) -> None:
         self.trainer = trainer
