@@ -22,7 +22,7 @@ from .base_seg import BaseSegDataset, denormalize, normalize, resize_long_side
 from .cifar10 import build_cifar10
 from .cityscapes import (CITYSCAPES_CLASS_NAMES, CITYSCAPES_CLASS_WEIGHTS, CITYSCAPES_PALETTE, Cityscapes,
                          build_cityscapes, colorize, convert_label)
-from .common import CLS_DATASETS, SEG_DATASETS, BadFileError, canonical_name, image_channels, resolve_root
+from .common import CLS_DATASETS, SEG_DATASETS, BadFileError, canonical_name, dataset_channels, resolve_root
 from .fashion_mnist import FashionMNIST, build_fashion_mnist
 from .imagenet import build_imagenet, class_folders, imagenet_split_dir
 
@@ -88,10 +88,16 @@ def dataset_info(cfg: CN) -> Dict[str, int]:
         ``{"in_channels": int, "num_classes": int}``.
 
     Raises:
-        ValueError: unknown dataset name.
+        ValueError: unknown dataset name; DATASET.PAD_TO or DATASET.GRAY_TO_RGB set for a dataset other than
+            Fashion-MNIST.
     """
     name = canonical_name(cfg.DATASET.DATASET, CLS_DATASETS + SEG_DATASETS)
-    channels = image_channels(name)
+    if name != "fashion_mnist":
+        for key, off in (("PAD_TO", 0), ("GRAY_TO_RGB", False)):
+            if cfg.DATASET.get(key, off) != off:
+                raise ValueError(f"DATASET.{key} applies to Fashion-MNIST only, not to {cfg.DATASET.DATASET}; "
+                                 f"remove it or set it to {off}")
+    channels = dataset_channels(cfg)
     if name in ("fashion_mnist", "cifar10"):
         return {"in_channels": channels, "num_classes": 10}
     if name == "imagenet":

@@ -38,6 +38,14 @@ def image_channels(name: str) -> int:
     return NON_RGB_CHANNELS.get(canonical or "", 3)
 
 
+def dataset_channels(cfg: CN) -> int:
+    """Channels of the images the configured dataset delivers: :func:`image_channels`, or 3 where
+    DATASET.GRAY_TO_RGB turns a gray dataset into RGB."""
+    if cfg.DATASET.get("GRAY_TO_RGB", False):
+        return 3
+    return image_channels(cfg.DATASET.DATASET)
+
+
 class BadFileError(ValueError):
     """An image or label file exists but cannot be decoded; the message names the file."""
 

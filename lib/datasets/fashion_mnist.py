@@ -142,25 +142,42 @@ class FashionMNIST(Dataset):
         images: (N, H, W) uint8.
         labels: (N,) int64.
         augment: random crop with ``PAD`` pixels of black padding and random horizontal flip.
+        pad_to: 0 keeps the images as they are; S >= H, W puts each image in the middle of a black S x S square
+            (32 gives CIFAR's size; the extra row and column of an odd difference go to the bottom and right).
+        rgb: repeat the gray channel three times, for models built for RGB input.
 
-    Items are ``(image (1, H, W) float32, int label)``, normalised with mean 0.2860 and std 0.3530. Random
-    numbers come from torch's global generator (seeded per worker by the DataLoader).
+    Items are ``(image (C, S, S) float32, int label)`` with C = 3 when ``rgb`` else 1 and S the padded side,
+    normalised with mean 0.2860 and std 0.3530. Random numbers come from torch's global generator (seeded per
+    worker by the DataLoader).
     """
 
     classes = CLASSES
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, augment: bool = False) -> None:
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, augment: bool = False, pad_to: int = 0,
+                 rgb: bool = False) -> None:
         if images.dtype != torch.uint8 or images.dim() != 3:
             raise ValueError(f"images must be an (N, H, W) uint8 tensor, got {tuple(images.shape)} {images.dtype}")
-        self.data = images  # (N, H, W) uint8
+        if pad_to:
+            h, w = images.shape[1:]
+            if pad_to < max(h, w):
+                raise ValueError(f"DATASET.PAD_TO {pad_to} is smaller than the {h}x{w} images; use 0 (no padding) "
+                                 f"or a side of at least {max(h, w)}")
+            top, left = (pad_to - h) // 2, (pad_to - w) // 2
+            images = F.pad(images, (left, pad_to - w - left, top, pad_to - h - top))  # black border, once
+        self.data = images.contiguous()  # (N, S, S) uint8
         self.targets = labels.long()  # (N,)
         self.augment = augment
+        self.channels = 3 if rgb else 1
 
     def __len__(self) -> int:
         return self.data.shape[0]
 
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:
-        return x.float().div_(255.0).sub_(FASHION_MNIST_MEAN).div_(FASHION_MNIST_STD)
+        """uint8 (..., H, W) -> normalised float32 (..., C, H, W), the channel inserted at dimension -3."""
+        x = x.float().div_(255.0).sub_(FASHION_MNIST_MEAN).div_(FASHION_MNIST_STD).unsqueeze(-3)
+        if self.channels > 1:
+            x = x.repeat_interleave(self.channels, dim=-3)
+        return x
 
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
         image = self.data[index]  # (H, W) uint8
@@ -171,7 +188,7 @@ class FashionMNIST(Dataset):
             image = padded[oy: oy + h, ox: ox + w]
             if torch.rand(()) < 0.5:
                 image = image.flip(-1)
-        return self._normalize(image).unsqueeze(0), int(self.targets[index])  # (1, H, W)
+        return self._normalize(image), int(self.targets[index])  # (C, H, W)
 
     def get_batch(self, indices: Union[Sequence[int], torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         """Transforms a whole batch at once (the same distribution as ``__getitem__``, one sample at a time).
@@ -180,7 +197,7 @@ class FashionMNIST(Dataset):
             indices: B sample indices.
 
         Returns:
-            images (B, 1, H, W) float32 and labels (B,) int64.
+            images (B, C, H, W) float32 and labels (B,) int64.
         """
         idx = torch.as_tensor(indices, dtype=torch.long)
         images = self.data[idx]  # (B, H, W) uint8
@@ -193,7 +210,7 @@ class FashionMNIST(Dataset):
             rows = oy + torch.arange(h)  # (B, H)
             cols = torch.where(flip, ox + torch.arange(w - 1, -1, -1), ox + torch.arange(w))  # (B, W)
             images = padded[torch.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]  # (B, H, W)
-        return self._normalize(images).unsqueeze(1), self.targets[idx]  # (B, 1, H, W), (B,)
+        return self._normalize(images), self.targets[idx]  # (B, C, H, W), (B,)
 
 
 def _download(root: str, train: bool) -> Tuple[str, str]:
@@ -211,11 +228,13 @@ def build_fashion_mnist(cfg: CN, train: bool) -> FashionMNIST:
     """Builds the Fashion-MNIST training (60000 images) or test (10000 images) split.
 
     Args:
-        cfg: configuration; reads DATASET.ROOT, DATA_DIR, DATASET.DOWNLOAD and DATASET.AUGMENT.
+        cfg: configuration; reads DATASET.ROOT, DATA_DIR, DATASET.DOWNLOAD, DATASET.AUGMENT, DATASET.PAD_TO and
+            DATASET.GRAY_TO_RGB.
         train: the training split (augmented when DATASET.AUGMENT), else the test split.
 
     Returns:
-        A FashionMNIST dataset of ``(image (1, 28, 28) float32, int label)``.
+        A FashionMNIST dataset of ``(image (1, 28, 28) float32, int label)``; ``(3, 32, 32)`` with
+        ``DATASET.PAD_TO 32 DATASET.GRAY_TO_RGB True`` (the shape of the CIFAR-10 yamls' input).
 
     Raises:
         FileNotFoundError: the files are nowhere to be found and could not be downloaded.
@@ -246,4 +265,5 @@ def build_fashion_mnist(cfg: CN, train: bool) -> FashionMNIST:
             ) from exc
     images, labels = load_split(*found)
     logger.info("Fashion-MNIST %s split: %d images from %s", prefix, len(labels), os.path.dirname(found[0]))
-    return FashionMNIST(images, labels, augment=train and bool(cfg.DATASET.AUGMENT))
+    return FashionMNIST(images, labels, augment=train and bool(cfg.DATASET.AUGMENT),
+                        pad_to=int(cfg.DATASET.PAD_TO), rgb=bool(cfg.DATASET.GRAY_TO_RGB))

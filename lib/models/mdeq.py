@@ -9,7 +9,7 @@ from torch import nn
 from yacs.config import CfgNode as CN
 
 from mdeq.config import ConfigError, resolve_alias
-from mdeq.datasets.common import image_channels
+from mdeq.datasets.common import dataset_channels
 from mdeq.models.mdeq_core import MDEQNet
 from mdeq.modules.solvers import SOLVERS
 
@@ -108,10 +108,10 @@ class MDEQSegNet(MDEQNet):
 
 
 def input_channels(cfg: CN) -> int:
-    """MODEL.IN_CHANNELS, or what the dataset provides (see ``mdeq.datasets.common.image_channels``)."""
+    """MODEL.IN_CHANNELS, or what the dataset provides (see ``mdeq.datasets.common.dataset_channels``)."""
     if cfg.MODEL.IN_CHANNELS > 0:
         return int(cfg.MODEL.IN_CHANNELS)
-    return image_channels(cfg.DATASET.DATASET)
+    return dataset_channels(cfg)
 
 
 def solver_name(cfg: CN, key: str) -> str:

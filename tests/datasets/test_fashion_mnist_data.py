@@ -96,6 +96,43 @@ def test_augmentation_is_padded_crop_and_flip(tmp_path, no_system_copy):
     assert x.min().item() == pytest.approx(black)  # padding is black in normalised units
 
 
+def test_pad_to_and_gray_to_rgb_give_the_cifar_shape(tmp_path, no_system_copy):
+    images, labels = write_split(str(tmp_path), "train", 6, gz=False)
+    write_split(str(tmp_path), "t10k", 3, gz=False, seed=1)
+    cfg = make_cfg(tmp_path)
+    cfg.DATASET.PAD_TO = 32
+    cfg.DATASET.GRAY_TO_RGB = True
+    ds = get_cls_dataset(cfg, train=True)
+    black = (0 - MEAN) / STD
+    expected = torch.full((32, 32), black)
+    expected[2:30, 2:30] = (torch.from_numpy(images[4]).float() / 255 - MEAN) / STD  # centred, 2-pixel border
+    x, y = ds[4]
+    assert x.shape == (3, 32, 32) and y == int(labels[4])
+    for c in range(3):
+        torch.testing.assert_close(x[c], expected)
+    xb, _ = ds.get_batch([4, 0])
+    assert xb.shape == (2, 3, 32, 32) and xb.is_contiguous()
+    torch.testing.assert_close(xb[0], x)
+    from mdeq.datasets import dataset_info
+    from mdeq.models.mdeq import input_channels
+    assert dataset_info(cfg)["in_channels"] == 3 and input_channels(cfg) == 3
+    cfg.DATASET.PAD_TO = 31  # odd difference: the extra row and column at the bottom and right
+    x, _ = get_cls_dataset(cfg, train=False)[0]
+    is_black = torch.isclose(x, torch.tensor(black))
+    assert x.shape == (3, 31, 31) and is_black[:, :1].all() and is_black[:, -2:].all()
+    assert is_black[:, :, :1].all() and is_black[:, :, -2:].all() and not is_black[:, 1:29, 1:29].all()
+    cfg.DATASET.PAD_TO = 20
+    with pytest.raises(ValueError, match="DATASET.PAD_TO 20 is smaller than the 28x28 images"):
+        get_cls_dataset(cfg, train=True)
+
+
+def test_pad_to_and_gray_to_rgb_are_refused_for_other_datasets():
+    from mdeq.datasets import dataset_info
+    cfg = load_config(None, ["DATASET.DATASET", "cifar10", "DATASET.GRAY_TO_RGB", "True"])
+    with pytest.raises(ValueError, match="DATASET.GRAY_TO_RGB applies to Fashion-MNIST only"):
+        dataset_info(cfg)
+
+
 def test_bad_magic_truncation_and_corrupt_gzip(tmp_path, no_system_copy):
     write_split(str(tmp_path), "train", 3, gz=False)
     images_path = os.path.join(str(tmp_path), "train-images-idx3-ubyte")
