@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The GPU benchmark of the README: benchmarks/bench.py for the TINY and LARGE CIFAR-10 experiments (their own batch
-# sizes, solvers and thresholds), each in three variants: eager float32, torch.compile of f_theta (inductor) and
-# bf16 autocast (TRAIN.AMP True). One JSON file per run in OUT_DIR, the runs' logs in OUT_DIR/log.txt.
+# sizes, solvers and thresholds), each in four variants: eager float32, torch.compile of f_theta (inductor),
+# bf16 autocast (TRAIN.AMP True) and CUDA graphs for the forward solve's calls of f (DEQ.CUDA_GRAPH True). One JSON file per run in OUT_DIR, the runs' logs in OUT_DIR/log.txt.
 #
 #   bash benchmarks/gpu_suite.sh OUT_DIR
 #
 # Environment: PYTHON (default python3), DEVICE (default cuda), STEPS (10), WARMUP (3), EVAL_IMAGES (2048),
-# RUN_TIMEOUT (seconds per run, default 240), CONFIGS ("TINY LARGE"), VARIANTS ("eager bf16 compile"),
+# RUN_TIMEOUT (seconds per run, default 240), CONFIGS ("TINY LARGE"), VARIANTS ("eager bf16 compile graph"),
 # PARTS (bench.py --parts, default all).
 set -u
 out=${1:?usage: bash benchmarks/gpu_suite.sh OUT_DIR}
@@ -22,14 +22,15 @@ log="$out/log.txt"
 
 status=0
 for cfg in ${CONFIGS:-TINY LARGE}; do
-    for variant in ${VARIANTS:-eager bf16 compile}; do
+    for variant in ${VARIANTS:-eager bf16 compile graph}; do
         flags=()
         opts=()
         case $variant in
             eager) ;;
             bf16) opts=(TRAIN.AMP True) ;;
             compile) flags=(--compile inductor) ;;
-            *) echo "unknown variant $variant (eager, bf16, compile)" >&2; exit 2 ;;
+            graph) opts=(DEQ.CUDA_GRAPH True) ;;
+            *) echo "unknown variant $variant (eager, bf16, compile, graph)" >&2; exit 2 ;;
         esac
         name=$(echo "${cfg}_${variant}" | tr 'A-Z' 'a-z')
         echo "== $name" >>"$log"

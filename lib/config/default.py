@@ -99,6 +99,7 @@ _C.DEQ.BACKWARD = "implicit"  # gradient through z*: "implicit" (adjoint solve) 
 _C.DEQ.PHANTOM_STEPS = 5  # phantom gradient: unrolled steps from z*
 _C.DEQ.PHANTOM_TAU = 0.5  # phantom gradient: damping z <- tau * f(z) + (1 - tau) * z
 _C.DEQ.CHECK_EVERY = 0  # solvers check for convergence every N iterations (0: 1 on CPU, 4 on GPU; fewer syncs)
+_C.DEQ.CUDA_GRAPH = False  # CUDA: the forward solve replays f from a CUDA graph per batch shape (off: eager)
 _C.DEQ.WARM_START = False  # evaluation only: start the solve from the last batch's z* when shapes match
 
 # ----------------------------------------------------------------------------------------------------- loss

@@ -149,7 +149,7 @@ def deq_kwargs(cfg: CN) -> Dict[str, Any]:
                 warm_start=d.WARM_START, check_every=d.CHECK_EVERY, stop_scope=d.STOP_SCOPE.lower(),
                 stall=d.STALL_STEPS, keep_start=d.KEEP_START, adjoint_init=d.ADJOINT_INIT.lower(),
                 adjoint_at=d.ADJOINT_AT.lower(), jac_vecs=cfg.LOSS.JAC_LOSS_VECS,
-                pretrain_jac_at=cfg.LOSS.PRETRAIN_JAC_AT.lower())
+                pretrain_jac_at=cfg.LOSS.PRETRAIN_JAC_AT.lower(), cuda_graph=bool(d.CUDA_GRAPH))
 
 
 def _trunk_kwargs(cfg: CN, bn_momentum: float, in_channels: Optional[int]) -> Dict[str, Any]:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mdeq.modules.deq import DEQLayer
+from mdeq.modules.graphs import module_slots
 from mdeq.modules.optimizations import VariationalDropout2d, WNConv2d, make_conv
 
 logger = logging.getLogger(__name__)
@@ -347,7 +348,12 @@ class MDEQNet(nn.Module):
         if 0 <= train_step < self.pretrain_steps:
             z, info = self.deq.unrolled(f, z0, self.num_layers, compute_jac_loss=compute_jac_loss)
         else:
-            z, info = self.deq(f, z0, compute_jac_loss=compute_jac_loss)
+            graph_slots, graph_params = None, []
+            if self.deq.cuda_graph:  # what f reads: the injection and f_theta's per-batch and in-place tensors
+                graph_slots = [(injection, 0)] + module_slots(self.fullstage)
+                graph_params = list(self.fullstage.parameters()) + list(self.fullstage.buffers())
+            z, info = self.deq(f, z0, compute_jac_loss=compute_jac_loss, graph_slots=graph_slots,
+                               graph_params=graph_params)
         if not torch.is_grad_enabled():
             self.fullstage.release()
         return z, info

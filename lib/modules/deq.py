@@ -29,6 +29,7 @@ through the differentiable call(s) of f at z* (``"f_backward"``) and the two sol
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import random
 from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple
@@ -36,9 +37,12 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Sequ
 import torch
 from torch import nn
 
+from mdeq.modules.graphs import GraphedF, Recorder, Slot, recorder_for
 from mdeq.modules.jacobian import jac_loss_estimate, power_method
 from mdeq.modules.solvers import get_solver
 from mdeq.modules.solvers.common import SCOPES
+
+logger = logging.getLogger(__name__)
 
 StateList = List[torch.Tensor]
 
@@ -184,6 +188,10 @@ class DEQLayer(nn.Module):
         warm_start: in evaluation, start from the previous z* when its shape matches.
         check_every: solvers test "has every sample stopped?" (a host synchronisation) only every this many
             iterations; 0 picks 1 on the CPU and 4 on accelerators, where a synchronisation stalls the queue.
+        cuda_graph: on CUDA, the forward solve replays its calls of f from a CUDA graph captured once per shape
+            (see ``mdeq.modules.graphs``); needs the caller to name f's per-batch tensors (``graph_slots`` of
+            :meth:`forward`). Elsewhere f runs eagerly. ``graph_recorder`` (an attribute) replaces the CUDA
+            recorder, e.g. by ``graphs.ReplayRecorder`` to exercise the same path on the CPU.
     """
 
     def __init__(self, f_solver: str = "broyden", b_solver: str = "broyden", f_thres: int = 30,
@@ -194,7 +202,7 @@ class DEQLayer(nn.Module):
                  spectral_radius: bool = False, warm_start: bool = False, check_every: int = 0,
                  rand_f_thres_mode: str = "every_step", stop_scope: str = "sample", stall: int = 0,
                  keep_start: bool = True, adjoint_init: str = "grad", adjoint_at: str = "z", jac_vecs: int = 1,
-                 pretrain_jac_at: str = "last") -> None:
+                 pretrain_jac_at: str = "last", cuda_graph: bool = False) -> None:
         super().__init__()
         for name, value, valid in (("backward", backward, ("implicit", "phantom")),
                                    ("rand_f_thres_mode", rand_f_thres_mode, RAND_F_THRES_MODES),
@@ -227,6 +235,16 @@ class DEQLayer(nn.Module):
         self._hook: Optional[Any] = None
         self._last_z: Optional[torch.Tensor] = None
         self.probe: Optional[Probe] = None
+        self.cuda_graph = bool(cuda_graph)
+        self.graph_recorder: Optional[Recorder] = None
+        self._graphs: Optional[GraphedF] = None
+        self._graph_note = False
+
+    def __getstate__(self) -> Dict[str, Any]:
+        """Copies and pickles leave captured graphs out (a copy captures its own)."""
+        state = self.__dict__.copy()
+        state["_graphs"] = None
+        return state
 
     def extra_repr(self) -> str:
         return (f"f_solver={self.f_solver_name}, b_solver={self.b_solver_name}, f_thres={self.f_thres}, "
@@ -300,9 +318,32 @@ class DEQLayer(nn.Module):
         return vec2list(fz, shapes, nhwc), info
 
     # -------------------------------------------------------------------------------------- equilibrium mode
-    def forward(self, f: Callable[[StateList], StateList], z0: StateList, compute_jac_loss: bool = False
+    def _solve_f(self, fvec: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor,
+                 graph_slots: Optional[Sequence[Slot]], graph_params: Sequence[torch.Tensor],
+                 tag: Any) -> Any:
+        """A context giving the f of the forward solve: graphed (``cuda_graph``) or fvec itself."""
+        if not self.cuda_graph or graph_slots is None or self.probe is not None:
+            return contextlib.nullcontext(fvec)
+        recorder = self.graph_recorder or recorder_for(x0.device)
+        if recorder is None:
+            if not self._graph_note:
+                self._graph_note = True
+                logger.warning("DEQ.CUDA_GRAPH is set but the states are on %s, not CUDA: f runs eagerly",
+                               x0.device)
+            return contextlib.nullcontext(fvec)
+        if self._graphs is None or self._graphs.recorder is not recorder:
+            self._graphs = GraphedF(recorder)
+        return self._graphs.bind(fvec, x0, graph_slots, graph_params, tag=tag)
+
+    def forward(self, f: Callable[[StateList], StateList], z0: StateList, compute_jac_loss: bool = False,
+                graph_slots: Optional[Sequence[Slot]] = None, graph_params: Sequence[torch.Tensor] = ()
                 ) -> Tuple[StateList, Dict[str, Any]]:
-        """Solves for the equilibrium of f starting from z0; returns (states, info)."""
+        """Solves for the equilibrium of f starting from z0; returns (states, info).
+
+        ``graph_slots`` / ``graph_params`` (only read with ``cuda_graph``): every tensor f reads that changes from
+        one forward pass to the next, as ``(owner, key)`` slots, and the tensors f reads that change in place
+        (its parameters and buffers); see ``mdeq.modules.graphs``.
+        """
         self.remove_hook()
         shapes = [e.shape for e in z0]
         nhwc = is_channels_last(z0)
@@ -319,8 +360,9 @@ class DEQLayer(nn.Module):
         if not self.training and self.warm_start and self._last_z is not None and self._last_z.shape == x0.shape:
             x0 = self._last_z
         self._cap = self._forward_cap(compute_jac_loss)
-        with torch.no_grad(), torch.autocast(device_type, enabled=False), _probed(probe, "forward_solve"):
-            z_star, stats = self.f_solver(fvec, x0, self._cap, self._tol(self.f_eps, x0.shape, True),
+        with torch.no_grad(), torch.autocast(device_type, enabled=False), _probed(probe, "forward_solve"), \
+                self._solve_f(fvec, x0, graph_slots, graph_params, (amp, amp_dtype)) as f_solve:
+            z_star, stats = self.f_solver(f_solve, x0, self._cap, self._tol(self.f_eps, x0.shape, True),
                                           self.stop_mode, **self._options(self.f_options, x0.device))
         info: Dict[str, Any] = {"mode": "equilibrium", "forward": summarize(stats), "jac_loss": None}
         if not self.training and self.warm_start:

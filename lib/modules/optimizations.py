@@ -86,6 +86,8 @@ class WNConv2d(nn.Module):
     ``torch.save(model)``) therefore leave the cache out: a copy computes its kernel afresh, from its own g and v.
     """
 
+    PER_FORWARD = ("_weight",)  # the cached kernel belongs to one forward pass (see mdeq.modules.graphs)
+
     def __init__(self, in_channels: int, out_channels: int, kernel_size: _Pair, stride: _Pair = 1,
                  padding: _Pair = 0, bias: bool = False) -> None:
         super().__init__()
@@ -145,6 +147,8 @@ class VariationalDropout2d(nn.Module):
     mode, or with p = 0, it is the identity. Like the cached kernel of :class:`WNConv2d`, the mask belongs to one
     forward pass and is left out of copies and pickles.
     """
+
+    PER_FORWARD = ("mask",)  # the mask belongs to one forward pass (see mdeq.modules.graphs)
 
     def __init__(self, dropout: float = 0.0) -> None:
         super().__init__()
