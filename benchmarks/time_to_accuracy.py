@@ -17,6 +17,11 @@ Examples::
     python benchmarks/time_to_accuracy.py --cfg experiments/fashion_mnist/cls_mdeq_quick.yaml \\
         --budget-seconds 120 --out tta --label quick-anderson DEQ.F_SOLVER anderson
     python benchmarks/time_to_accuracy.py --out tta --plot-only --target 90
+    python benchmarks/time_to_accuracy.py --out tta --label best \
+        --from-metrics output/fashion_mnist/cls_mdeq_best/metrics.csv
+
+``--from-metrics`` takes the curve of a run made without this tool (cls_train's own metrics.csv) instead of
+training one.
 
 ``seconds`` is the training time the run itself reports (validations included, start-up excluded); the budget
 is wall-clock time of the whole process, so a recipe's curve ends a little before the budget.
@@ -54,6 +59,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="folder for the runs, the per-recipe CSVs and the PNG")
     p.add_argument("--label", default="", help="name of the recipe (default: from the yaml name and overrides)")
     p.add_argument("--plot-only", action="store_true", help="only redraw the PNG from the CSVs in --out")
+    p.add_argument("--from-metrics", default="", metavar="METRICS_CSV",
+                   help="take the recipe's curve from this finished run's metrics.csv instead of training it")
     p.add_argument("--target", type=float, default=None, help="also report when each recipe first reaches this "
                                                              "accuracy")
     p.add_argument("--force", action="store_true", help="replace an earlier run of the same label")
@@ -62,8 +69,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--tool", default=TRAIN_TOOL, help="training script to run (default: tools/cls_train.py)")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = p.parse_args(argv)
-    if not args.plot_only and not args.cfg:
-        p.error("--cfg is required unless --plot-only is given")
+    if not args.plot_only and not args.cfg and not args.from_metrics:
+        p.error("--cfg is required unless --plot-only or --from-metrics is given")
+    if args.from_metrics and not args.label:
+        p.error("--from-metrics needs a --label for the recipe")
     if len(args.opts) % 2:
         p.error(f"config overrides come in KEY VALUE pairs; got an odd number: {args.opts}")
     return args
@@ -260,7 +269,12 @@ def main(argv: Optional[Sequence[str]] = None, poll_s: float = 0.5) -> int:
     """Command-line entry; returns the exit code (user errors: ``error: ...`` and 2)."""
     args = parse_args(argv)
     try:
-        if not args.plot_only:
+        if args.from_metrics and not args.plot_only:
+            if not os.path.isfile(args.from_metrics):
+                raise FileNotFoundError(f"--from-metrics {args.from_metrics} does not exist; pass the metrics.csv "
+                                        f"of a finished run (in its OUTPUT_DIR)")
+            write_curve(args.from_metrics, args.label, os.path.join(args.out, f"{args.label}.csv"))
+        elif not args.plot_only:
             label = args.label or default_label(args.cfg, args.opts)
             if not re.fullmatch(r"[A-Za-z0-9._=+-]+", label):
                 raise ValueError(f"--label {label!r} must be a file name: letters, digits and . _ = + -")

@@ -135,6 +135,21 @@ def test_curves_are_read_back_with_numbers_and_plotted_by_calls(tmp_path) -> Non
     assert tta._both_calls(curves["a"][0]) == 190.0
 
 
+def test_from_metrics_turns_a_finished_run_into_a_recipe_curve(tmp_path, capsys) -> None:
+    metrics = metrics_file(str(tmp_path / "run"), [row(1, 26.5, "80.07", 1876, 1876, phase="unrolled"),
+                                                   row(2, 55.25, "85.19", 3752, 3752)])
+    out = str(tmp_path / "out")
+    assert tta.main(["--out", out, "--label", "best", "--from-metrics", metrics]) == 0
+    assert [(r["epoch"], r["seconds"], r["valid_top1"]) for r in read_csv(os.path.join(out, "best.csv"))] == \
+        [("1", "26.5", "80.07"), ("2", "55.25", "85.19")]
+    assert capsys.readouterr().out.splitlines()[0] == \
+        "best: best valid_top1 85.19 at 55.2 s (epoch 2); 2 epochs in 55.2 s"
+    assert tta.main(["--out", out, "--label", "x", "--from-metrics", str(tmp_path / "missing.csv")]) == 2
+    assert "--from-metrics" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        tta.parse_args(["--out", out, "--from-metrics", metrics])  # a curve needs a label
+
+
 def test_plot_only_without_csvs_is_a_clear_error(tmp_path, capsys) -> None:
     assert tta.main(["--out", str(tmp_path), "--plot-only"]) == 2
     assert capsys.readouterr().err.startswith(f"error: no time-to-accuracy CSV in {tmp_path}")
