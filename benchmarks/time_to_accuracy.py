@@ -209,9 +209,10 @@ def _both_calls(row: Dict[str, object]) -> Optional[float]:
 def plot_curves(curves: Dict[str, List[Dict[str, object]]], png: str) -> str:
     """Accuracy against training time, against calls of f (forward + backward) and forward calls alone."""
     divisor, unit = time_unit([r["seconds"] for rows in curves.values() for r in rows if r["seconds"] is not None])
-    by_time = Panel("accuracy against training time", f"training {unit}", "validation top-1")
-    by_calls = Panel("accuracy against calls of f (forward + backward)", "calls of f", "validation top-1")
-    by_forward = Panel("accuracy against forward calls of f", "forward calls of f", "validation top-1")
+    axes = dict(x_from_zero=True, label_last=True)
+    by_time = Panel("accuracy against training time", f"training {unit}", "validation top-1", **axes)
+    by_calls = Panel("accuracy against calls of f (forward + backward)", "calls of f", "validation top-1", **axes)
+    by_forward = Panel("accuracy against forward calls of f", "forward calls of f", "validation top-1", **axes)
     for i, (label, rows) in enumerate(curves.items()):
         xs, ys = _points(rows, lambda r: r["seconds"])
         by_time.lines.append(Line(label, [x / divisor for x in xs], ys, color=i))

@@ -166,13 +166,17 @@ class Line:
 
 @dataclass
 class Panel:
-    """One set of axes; ``integer_x`` for axes that count (epochs)."""
+    """One set of axes; ``integer_x`` for axes that count (epochs), ``x_from_zero`` for an x axis that starts at 0
+    (times and counts, so that recipes compare by length), ``label_last`` to write each line's last y value by
+    its last point."""
 
     title: str
     xlabel: str
     ylabel: str
     lines: List[Line] = field(default_factory=list)
     integer_x: bool = False
+    x_from_zero: bool = False
+    label_last: bool = False
 
 
 def legend_once_per_run(panel: Panel) -> Panel:
@@ -214,9 +218,14 @@ def draw_panels(panels: Sequence[Panel], out: str, title: str = "", ncols: int =
                     continue
                 ax.plot(line.x, line.y, line.style, color=f"C{line.color % 10}", marker="o", markersize=3,
                         label=line.label if line.legend else "_nolegend_")
+                if panel.label_last:
+                    ax.annotate(f"{line.y[-1]:.2f}", (line.x[-1], line.y[-1]), textcoords="offset points",
+                                xytext=(4, 4), fontsize="small", color=f"C{line.color % 10}")
                 drawn += 1
             if panel.integer_x:
                 ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            if panel.x_from_zero and drawn:
+                ax.set_xlim(left=0, right=1.08 * max(max(line.x) for line in panel.lines if line.x))
             ax.set_title(panel.title)
             ax.set_xlabel(panel.xlabel)
             ax.set_ylabel(panel.ylabel)
