@@ -4,8 +4,8 @@ generators' states of every rank, and the last good state of a run that diverged
 A training checkpoint is a dict (loads with ``weights_only``): ``epoch`` (epochs finished, or the epoch in
 progress for a mid-epoch file), ``step`` (global step), ``batch`` (first batch of ``epoch`` still to run; 0 at an
 epoch end), ``world_size``, ``model``, ``state_dict``, ``optimizer``, ``lr_scheduler``, ``perf``, ``best_perf``
-(segmentation adds ``best_mIoU`` and ``phase``), ``rng`` (rank 0's generators), ``rng_per_rank`` and ``config``
-(the frozen yaml). File writing is :mod:`mdeq.utils.checkpoint`'s job (atomic, safe loading).
+(segmentation adds ``best_mIoU`` and ``phase``), ``rng`` (rank 0's generators), ``rng_per_rank``, ``config``
+(the frozen yaml) and ``channels_last`` (the memory layout the run trained in). File writing is :mod:`mdeq.utils.checkpoint`'s job (atomic, safe loading).
 """
 from __future__ import annotations
 
@@ -162,6 +162,27 @@ def resume_path(cfg, output_dir: str) -> Optional[str]:
     if cfg.TRAIN.RESUME:
         logger.info("TRAIN.RESUME is set but %s does not exist yet; starting from scratch", latest)
     return None
+
+
+def recorded_layout(cfg, output_dir: str) -> Optional[bool]:
+    """The memory layout (True: channels_last) recorded in the checkpoint a resume would most likely start from:
+    TRAIN.CHECKPOINT, else the latest checkpoint when AUTO_RESUME or TRAIN.RESUME is set; None when there is
+    none, it cannot be read, or it predates the record. Reads without side effects (the tensors are mapped, not
+    loaded); the resume itself still makes its own choice and checks."""
+    if cfg.TRAIN.CHECKPOINT:
+        path = cfg.TRAIN.CHECKPOINT
+    elif cfg.AUTO_RESUME or cfg.TRAIN.RESUME:
+        path = os.path.join(output_dir, LATEST)
+    else:
+        return None
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        return None
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # unreadable here: the resume reports it (or AUTO_RESUME takes another file)
+        return None
+    value = ckpt.get("channels_last") if isinstance(ckpt, Mapping) else None
+    return None if value is None else bool(value)
 
 
 def resume_error(path: str, exc: Exception) -> CheckpointError:

@@ -202,7 +202,8 @@ class Trainer:
         contents = {"epoch": epoch, "step": state.step, "batch": batch, "world_size": self.ctx.world_size,
                     "model": self.cfg.MODEL.NAME, "state_dict": self.net.state_dict(), "perf": float(perf),
                     "best_perf": float(state.best), "optimizer": self.optimizer.state_dict(),
-                    "lr_scheduler": self.scheduler.state_dict(), "config": self.cfg.dump()}
+                    "lr_scheduler": self.scheduler.state_dict(), "config": self.cfg.dump(),
+                    "channels_last": bool(getattr(self.net, "channels_last", False))}
         contents.update(self.task.checkpoint_extra(state))
         return contents
 

@@ -7,15 +7,32 @@ from typing import Any, Callable, Dict, Sequence
 
 from torch import nn
 
+from mdeq.config.loader import tristate
+from mdeq.core.checkpointing import recorded_layout
 from mdeq.core.data import BatchPlan, batch_plan
 from mdeq.core.hooks import standard_hooks
 from mdeq.core.run import RunContext, setup_run
 from mdeq.core.events import Hook, Task
 from mdeq.core.trainer import Trainer
+from mdeq.models.layout_probe import apply_channels_last
 from mdeq.utils import distributed as du
 from mdeq.utils.summary import describe_model
 
 logger = logging.getLogger(__name__)
+
+
+def resume_in_recorded_layout(ctx: RunContext, model: nn.Module) -> nn.Module:
+    """With MODEL.CHANNELS_LAST auto, a resumed run keeps the memory layout its checkpoint was trained in (the
+    probe may decide otherwise on a later start, and the other layout rounds differently); rank 0 reads the record
+    and every rank follows. An explicit true / false is kept as the user set it."""
+    if not hasattr(model, "channels_last") or tristate("MODEL.CHANNELS_LAST", ctx.cfg.MODEL.CHANNELS_LAST) != "auto":
+        return model
+    recorded = du.broadcast_object(recorded_layout(ctx.cfg, ctx.output_dir) if du.is_main_process() else None)
+    if recorded is None or recorded == bool(model.channels_last):
+        return model
+    logger.info("MODEL.CHANNELS_LAST auto: resuming in the layout the checkpoint was trained in (%s) instead of the "
+                "probe's choice", "channels_last" if recorded else "contiguous")
+    return apply_channels_last(model, recorded)
 
 
 def run_training(args: argparse.Namespace, make_task: Callable[[RunContext, BatchPlan], Task],
@@ -32,7 +49,7 @@ def run_training(args: argparse.Namespace, make_task: Callable[[RunContext, Batc
     ctx = setup_run(args, "train")
     plan = batch_plan(ctx.cfg, ctx.world_size)
     task = make_task(ctx, plan)
-    model = make_model(ctx)
+    model = resume_in_recorded_layout(ctx, make_model(ctx))
     logger.info(describe_model(model))
     model = du.wrap_model(model, ctx.device, sync_bn=task.sync_bn)
     trainer = Trainer(ctx, task, model, plan, standard_hooks(ctx, args.cfg, list(args.opts)) + list(hooks))

@@ -117,3 +117,33 @@ def test_resume_gives_the_same_weights_as_one_run(tmp_path, fashion_root):
         assert f"Epoch: [{epoch}][{batch}/{STEPS_PER_EPOCH}]" in log
         assert f"Epoch: [{epoch}][{batch - 1}/{STEPS_PER_EPOCH}]" not in log  # no batch is trained twice
         assert_same_training(full, out)
+
+
+def test_a_resume_keeps_the_layout_its_checkpoint_was_trained_in(tmp_path, fashion_root, monkeypatch):
+    """MODEL.CHANNELS_LAST auto decides by timing at every start; a resumed run must not switch layouts (the other
+    layout rounds differently). The probe is made to answer channels_last for the first start and contiguous for
+    the resume: the resume follows the checkpoint, and ends where the uninterrupted channels_last run ends."""
+    from mdeq.models import layout_probe
+    answers = []
+
+    def probe(answer):
+        def choose(model, sample, device, **kw):
+            answers.append(answer)
+            return answer, {"contiguous": 1.0, "channels_last": 0.5 if answer else 2.0}
+        return choose
+
+    auto = ["MODEL.CHANNELS_LAST", "auto"]
+    monkeypatch.setattr(layout_probe, "choose_channels_last", probe(True))
+    full, _ = train(tmp_path, fashion_root, "full", 2, *auto)
+    first, _ = train(tmp_path, fashion_root, "split_first", 1, *auto)
+    assert load(first, "checkpoint.pth.tar")["channels_last"] is True
+    monkeypatch.setattr(layout_probe, "choose_channels_last", probe(False))
+    resumed, log = train(tmp_path, fashion_root, "split_resumed", 2, *auto, "TRAIN.RESUME", "True")
+    assert answers == [True, True, False]
+    assert "resuming in the layout the checkpoint was trained in (channels_last)" in log
+    assert load(resumed, "checkpoint.pth.tar")["channels_last"] is True
+    assert_same_training(full, resumed)
+    # an explicit setting is the user's: kept even against the record
+    again, log = train(tmp_path, fashion_root, "split_again", 3, "MODEL.CHANNELS_LAST", "false", "TRAIN.RESUME", "True")
+    assert "resuming in the layout" not in log
+    assert load(again, "checkpoint.pth.tar")["channels_last"] is False
