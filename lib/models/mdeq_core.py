@@ -15,7 +15,7 @@ from torch import nn
 
 from mdeq.modules.deq import DEQLayer
 from mdeq.modules.graphs import module_slots
-from mdeq.modules.optimizations import VariationalDropout2d, WNConv2d, make_conv
+from mdeq.modules.optimizations import VariationalDropout2d, WNConv2d, clear_per_forward, make_conv
 
 logger = logging.getLogger(__name__)
 
@@ -166,11 +166,7 @@ class MDEQModule(nn.Module):
 
     def release(self) -> None:
         """Drops cached kernels and masks (so that a module kept around holds no autograd graph)."""
-        for m in self.modules():
-            if isinstance(m, WNConv2d):
-                m.clear()
-            elif isinstance(m, VariationalDropout2d):
-                m.mask = None
+        clear_per_forward(self)
 
     def forward(self, z: List[torch.Tensor], injection: Optional[List[Optional[torch.Tensor]]] = None
                 ) -> List[torch.Tensor]:

@@ -54,7 +54,8 @@ def write_slot(slot: Slot, value: Any) -> None:
 
 def module_slots(module: torch.nn.Module) -> List[Slot]:
     """The per-forward tensors of a module tree: for every submodule that names them in a class attribute
-    ``PER_FORWARD`` (attribute names), those attributes that currently hold a tensor."""
+    ``PER_FORWARD`` (attribute names; see ``mdeq.modules.optimizations.PerForward``), those attributes that
+    currently hold a tensor."""
     slots: List[Slot] = []
     for m in module.modules():
         for name in getattr(type(m), "PER_FORWARD", ()):

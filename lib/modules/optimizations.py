@@ -73,7 +73,29 @@ def _norm_except_dim0(v: torch.Tensor) -> torch.Tensor:
     return v.flatten(1).norm(dim=1).view(-1, *([1] * (v.dim() - 1)))
 
 
-class WNConv2d(nn.Module):
+class PerForward:
+    """Mixin of a module whose attributes named in ``PER_FORWARD`` belong to one forward pass (a cached kernel, a
+    dropout mask): copies and pickles leave them out, ``clear_per_forward`` drops them, and CUDA graphs treat them
+    as per-batch inputs (``mdeq.modules.graphs.module_slots``)."""
+
+    PER_FORWARD: Tuple[str, ...] = ()
+
+    def __getstate__(self) -> Dict[str, Any]:
+        """The module's attributes for ``copy.deepcopy`` and pickle, without its per-forward ones."""
+        state = self.__dict__.copy()
+        for name in self.PER_FORWARD:
+            state[name] = None
+        return state
+
+
+def clear_per_forward(module: nn.Module) -> None:
+    """Drops the per-forward attributes of every :class:`PerForward` module in ``module``'s tree."""
+    for m in module.modules():
+        for name in getattr(type(m), "PER_FORWARD", ()):
+            setattr(m, name, None)
+
+
+class WNConv2d(PerForward, nn.Module):
     """A 2-d convolution with weight normalisation ``weight = weight_g * weight_v / ||weight_v||``.
 
     The parameters are stored as ``weight_g`` (out, 1, 1, 1) and ``weight_v`` (out, in, kh, kw), the names the
@@ -86,7 +108,7 @@ class WNConv2d(nn.Module):
     ``torch.save(model)``) therefore leave the cache out: a copy computes its kernel afresh, from its own g and v.
     """
 
-    PER_FORWARD = ("_weight",)  # the cached kernel belongs to one forward pass (see mdeq.modules.graphs)
+    PER_FORWARD = ("_weight",)  # the cached kernel belongs to one forward pass
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: _Pair, stride: _Pair = 1,
                  padding: _Pair = 0, bias: bool = False) -> None:
@@ -109,19 +131,9 @@ class WNConv2d(nn.Module):
         """Recomputes the cached kernel from the current g and v (call once per forward pass)."""
         self._weight = self.compute_weight()
 
-    def clear(self) -> None:
-        """Drops the cached kernel (and the autograd graph it holds)."""
-        self._weight = None
-
     @property
     def weight(self) -> torch.Tensor:
         return self._weight if self._weight is not None else self.compute_weight()
-
-    def __getstate__(self) -> Dict[str, Any]:
-        """The module's attributes for ``copy.deepcopy`` and pickle, without the cached kernel."""
-        state = self.__dict__.copy()
-        state["_weight"] = None
-        return state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding)
@@ -140,7 +152,7 @@ def make_conv(in_channels: int, out_channels: int, kernel_size: int, wnorm: bool
     return nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias)
 
 
-class VariationalDropout2d(nn.Module):
+class VariationalDropout2d(PerForward, nn.Module):
     """Dropout with one mask per sample and channel, shared by every pixel and every call of one forward pass.
 
     ``reset_mask(x)`` draws a new (B, C, 1, 1) mask scaled by 1 / (1 - p); ``forward`` multiplies by it. In eval
@@ -148,18 +160,12 @@ class VariationalDropout2d(nn.Module):
     forward pass and is left out of copies and pickles.
     """
 
-    PER_FORWARD = ("mask",)  # the mask belongs to one forward pass (see mdeq.modules.graphs)
+    PER_FORWARD = ("mask",)  # the mask belongs to one forward pass
 
     def __init__(self, dropout: float = 0.0) -> None:
         super().__init__()
         self.dropout = float(dropout)
         self.mask: Optional[torch.Tensor] = None
-
-    def __getstate__(self) -> Dict[str, Any]:
-        """The module's attributes for ``copy.deepcopy`` and pickle, without the mask of the last forward pass."""
-        state = self.__dict__.copy()
-        state["mask"] = None
-        return state
 
     def reset_mask(self, shape: torch.Size, device: torch.device, dtype: torch.dtype) -> None:
         """Draws the mask for a state of shape (B, C, H, W)."""
