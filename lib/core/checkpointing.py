@@ -5,7 +5,8 @@ A training checkpoint is a dict (loads with ``weights_only``): ``epoch`` (epochs
 progress for a mid-epoch file), ``step`` (global step), ``batch`` (first batch of ``epoch`` still to run; 0 at an
 epoch end), ``world_size``, ``model``, ``state_dict``, ``optimizer``, ``lr_scheduler``, ``perf``, ``best_perf``
 (segmentation adds ``best_mIoU`` and ``phase``), ``rng`` (rank 0's generators), ``rng_per_rank``, ``config``
-(the frozen yaml) and ``channels_last`` (the memory layout the run trained in). File writing is :mod:`mdeq.utils.checkpoint`'s job (atomic, safe loading).
+(the frozen yaml) and ``channels_last`` (the memory layout the run trained in). File writing is
+:mod:`mdeq.utils.checkpoint`'s job (atomic, safe loading).
 """
 from __future__ import annotations
 
@@ -164,22 +165,14 @@ def resume_path(cfg, output_dir: str) -> Optional[str]:
     return None
 
 
-def recorded_layout(cfg, output_dir: str) -> Optional[bool]:
-    """The memory layout (True: channels_last) recorded in the checkpoint a resume would most likely start from:
-    TRAIN.CHECKPOINT, else the latest checkpoint when AUTO_RESUME or TRAIN.RESUME is set; None when there is
-    none, it cannot be read, or it predates the record. Reads without side effects (the tensors are mapped, not
-    loaded); the resume itself still makes its own choice and checks."""
-    if cfg.TRAIN.CHECKPOINT:
-        path = cfg.TRAIN.CHECKPOINT
-    elif cfg.AUTO_RESUME or cfg.TRAIN.RESUME:
-        path = os.path.join(output_dir, LATEST)
-    else:
-        return None
+def recorded_layout(path: str) -> Optional[bool]:
+    """The memory layout (True: channels_last) recorded in the training checkpoint ``path``; None when it cannot be
+    read here (the resume reports why) or predates the record. The tensors are mapped, not loaded."""
     if not os.path.isfile(path) or os.path.getsize(path) == 0:
         return None
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # unreadable here: the resume reports it (or AUTO_RESUME takes another file)
+    except Exception:  # unreadable here: the resume reports it
         return None
     value = ckpt.get("channels_last") if isinstance(ckpt, Mapping) else None
     return None if value is None else bool(value)

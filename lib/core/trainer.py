@@ -125,6 +125,9 @@ def extra_phase_cfg(cfg: CN) -> CN:
 
 
 # ---------------------------------------------------------------------------------------------- trainer
+CHOOSE_RESUME = object()  # Trainer(resume_from=...): choose the checkpoint (checkpointing.resume_path) at run time
+
+
 class Trainer:
     """Runs the phases of a task from TRAIN.BEGIN_EPOCH (or a checkpoint) to the end, with hooks.
 
@@ -134,11 +137,14 @@ class Trainer:
         model: the network, already on the device and wrapped for several processes.
         plan: how a step's batch is split.
         hooks: the hooks, called in order.
+        resume_from: the checkpoint to resume from, None to start afresh, or (default) CHOOSE_RESUME to choose
+            it from the config when the run starts.
     """
 
     def __init__(self, ctx: RunContext, task: Task, model: nn.Module, plan: BatchPlan,
-                 hooks: Sequence[Hook] = ()) -> None:
+                 hooks: Sequence[Hook] = (), resume_from: Any = CHOOSE_RESUME) -> None:
         self.ctx, self.cfg, self.task, self.model, self.plan = ctx, ctx.cfg, task, model, plan
+        self.resume_from = resume_from  # a checkpoint path, None (start afresh) or CHOOSE_RESUME (at run time)
         self.hooks = list(hooks)
         if self.cfg.TRAIN.PRETRAIN_COUNT not in ("scheduler", "steps"):
             raise ValueError(f"TRAIN.PRETRAIN_COUNT: unknown value {self.cfg.TRAIN.PRETRAIN_COUNT!r}; use scheduler "
@@ -218,8 +224,11 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------------- resume
     def resume(self) -> None:
-        """Continues from the checkpoint that TRAIN.CHECKPOINT / AUTO_RESUME / TRAIN.RESUME name, if any."""
-        path = resume_path(self.cfg, self.ctx.output_dir)
+        """Continues from ``resume_from``, or the checkpoint that TRAIN.CHECKPOINT / AUTO_RESUME / TRAIN.RESUME
+        name, if any."""
+        path = self.resume_from
+        if path is CHOOSE_RESUME:
+            path = resume_path(self.cfg, self.ctx.output_dir)
         if not path:
             return
         try:
